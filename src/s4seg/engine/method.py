@@ -1,0 +1,176 @@
+"""The `Method` interface the engine drives, its batch and outputs, and the method registry.
+
+A method is an `nn.Module` that owns the segmentation model (`self.model`) and whatever extra
+modules its paper defines (a projection head, an EMA teacher, a twin network). It computes losses;
+the engine does everything else (data, optimiser, LR, EMA update, checkpoints, logging, DDP).
+
+    @register_method("fixmatch")
+    class FixMatch(Method):
+        config_class = FixMatchConfig
+        def training_step(self, batch, step): ...
+
+The engine never imports a concrete method: `s4seg.methods` imports every method module, which
+registers it, and `build_method` looks it up by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from s4seg.config import from_dict
+from s4seg.errors import ParamsError
+
+
+@dataclass
+class Batch:
+    """One training iteration's inputs. Images are float in [0, 1], (B, 3, H, W); the model normalises.
+
+    Unlabeled fields are None for methods that do not use unlabeled data (`Method.uses_unlabeled`).
+    All unlabeled views share one geometric transform, so they are pixel-aligned with each other.
+    """
+
+    x: Tensor  # labeled images (weak augmentation)
+    y: Tensor  # (B, H, W) int64 labels, IGNORE_INDEX on void and padding
+    u_w: Tensor | None = None  # unlabeled weak view
+    u_s1: Tensor | None = None  # strong view 1 (photometric only; CutMix is applied by the method)
+    u_s2: Tensor | None = None  # strong view 2
+    box1: Tensor | None = None  # (B, H, W) bool CutMix box of view 1 (True = take the partner's pixel)
+    box2: Tensor | None = None
+    valid_u: Tensor | None = None  # (B, H, W) bool, False on padding
+    # The CutMix partner: a second, independently augmented unlabeled batch (UniMatch V1's second loader)
+    u_w_mix: Tensor | None = None
+    u_s1_mix: Tensor | None = None
+    u_s2_mix: Tensor | None = None
+    valid_u_mix: Tensor | None = None
+    # Hidden ground truth of the unlabeled tiles: for monitoring pseudo-label accuracy only, never a loss
+    y_u: Tensor | None = None
+    y_u_mix: Tensor | None = None
+    ids_u: Tensor | None = None  # (B,) tile ids of the unlabeled batch
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            **{
+                f.name: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
+                for f in dataclasses.fields(self)
+                for v in [getattr(self, f.name)]
+            }
+        )
+
+
+@dataclass
+class PseudoLabels:
+    """What a method trains on for a batch of unlabeled images (and what the dump stage writes)."""
+
+    label: Tensor  # (B, H, W) int64 hard pseudo-label
+    conf: Tensor  # (B, H, W) float confidence of `label`
+    keep: Tensor  # (B, H, W) bool: this pixel contributes to the unlabeled loss
+    regions: Tensor | None = None  # (B, H, W) int32 region ids, for region-based methods
+    extra: dict[str, Tensor] = field(default_factory=dict)  # method-specific layers for the dump
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar with grad; the engine calls backward on it
+    logs: dict[str, float | Tensor]  # every loss term by its paper symbol (loss_x, loss_u_s1, ...), thresholds
+    pseudo: PseudoLabels | None = None  # pseudo-labels of the un-mixed weak view (for monitoring)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every `XConfig`; a method with no hyper-parameters uses it as is."""
+
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set `config_class` and implement `training_step`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = MethodConfig
+    uses_unlabeled: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.num_classes = num_classes
+
+    # The engine calls these --------------------------------------------------------------------
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """Logits (B, K, H, W) for evaluation. Methods with a teacher or an ensemble override this."""
+        return self.model(images)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
+        """Hard pseudo-labels of weak views with the method's own selection rule (default: keep all valid)."""
+        prob = self.predict(images).softmax(dim=1)
+        conf, label = prob.max(dim=1)
+        keep = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
+        return PseudoLabels(label=label, conf=conf, keep=keep)
+
+    def teacher(self) -> nn.Module | None:
+        """An EMA teacher the engine must update after each optimiser step, or None."""
+        return None
+
+    def ema_momentum(self) -> float:
+        """Upper bound gamma of the EMA momentum min(1 - 1/(t+1), gamma)."""
+        return 0.996
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups by LR role: 'backbone' gets lr, 'head' gets lr * lr_multi.
+
+        Default: the model's own split; extra modules a method adds (projection heads) go to 'head'.
+        """
+        groups = {k: list(v) for k, v in self.model.param_groups().items()}
+        in_model = {id(p) for p in self.model.parameters()}
+        teacher = self.teacher()
+        in_teacher = {id(p) for p in teacher.parameters()} if teacher is not None else set()
+        extra = [p for p in self.parameters() if id(p) not in in_model and id(p) not in in_teacher]
+        groups["head"] = groups.get("head", []) + extra
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise RuntimeError(f"method {name!r} registered twice ({_METHODS[name]} and {cls})")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise ParamsError(
+            f"params.yaml: method {name!r} is not registered; choose one of: {', '.join(registered_methods())}"
+        )
+    return _METHODS[name]
+
+
+def method_config(name: str, section: dict[str, Any] | None) -> Any:
+    """Validate `methods.<name>` against the method's config class."""
+    return from_dict(method_class(name).config_class, section or {}, where=f"params.yaml: methods.{name}")
+
+
+def build_method(name: str, section: dict[str, Any] | None, model: nn.Module, num_classes: int) -> Method:
+    return method_class(name)(method_config(name, section), model, num_classes)
