@@ -1,0 +1,153 @@
+"""`s4seg ...`: the command line, and the error handling every stage script shares.
+
+    s4seg tile      [--params params.yaml] [--tiles data/tiles.zarr] [--split data/split.parquet]
+    s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
+    s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C]
+    s4seg preset    NAME          prints `-S key=value` arguments for `dvc exp run`
+    s4seg methods                 lists the registered methods
+
+An `S4segError` is printed as one line (`error: ...`) and exits with status 2; any other exception keeps
+its traceback, since it is a bug rather than bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from s4seg.errors import ParamsError, S4segError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_stage(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's `main`, turning an S4segError into one line on stderr and exit status 2."""
+    setup_logging()
+    try:
+        main(argv)
+    except S4segError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def preset_args(name: str) -> list[str]:
+    """`-S key=value` pairs of a preset file (flattened dotted keys) for `dvc exp run`."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ParamsError(f"preset {name!r} not found in {PRESETS_DIR}; choose one of: {', '.join(known)}")
+
+    def flatten(prefix: str, value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [a for k, v in value.items() for a in flatten(f"{prefix}.{k}" if prefix else k, v)]
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        return ["-S", f"{prefix}={text}"]
+
+    return flatten("", yaml.safe_load(path.read_text()) or {})
+
+
+def _cmd_tile(args: argparse.Namespace) -> None:
+    from s4seg.data.tiling import tile_main
+
+    tile_main(args.params, args.tiles, args.split)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from s4seg.report import inspect
+
+    if args.summary:
+        print(inspect.summary(args.dump))
+        return
+    if args.output is None or (args.tile is None) == (args.scene is None):
+        raise ParamsError("s4seg inspect: give exactly one of --tile ID or --scene NAME, and -o OUT.png (or --summary)")
+    if args.tile is not None:
+        inspect.inspect_tile(args.dump, args.tiles, args.tile, args.output)
+    else:
+        inspect.inspect_scene(args.dump, args.tiles, args.scene, args.output)
+    print(args.output)
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from s4seg.config import load_params
+    from s4seg.engine.bench import bench_train
+
+    params = load_params(args.params)
+    methods = args.methods.split(",") if args.methods else None
+    bench_train(methods, params, batch=args.batch, crop=args.crop, iters=args.iters, out_json=args.out)
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from s4seg.methods import registered_methods
+
+    print("\n".join(registered_methods()))
+
+
+def _cmd_preset(args: argparse.Namespace) -> None:
+    print(" ".join(f"'{a}'" if " " in a else a for a in preset_args(args.name)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s4seg", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tile", help="tile the dataset of params.yaml into a zarr store and a split table")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--tiles", default="data/tiles.zarr")
+    p.add_argument("--split", default="data/split.parquet")
+    p.set_defaults(func=_cmd_tile)
+
+    p = sub.add_parser("inspect", help="render or summarise a pseudo-label dump")
+    p.add_argument("dump", help="dumps/pseudo.zarr")
+    p.add_argument("--tiles", default="data/tiles.zarr")
+    p.add_argument("--tile", type=int)
+    p.add_argument("--scene")
+    p.add_argument("-o", "--output")
+    p.add_argument("--summary", action="store_true", help="print per-class pseudo-label quality")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["train"])
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--methods", help="comma-separated; default: every registered method")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default="reports/bench/train.json")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("preset", help="print `-S` arguments of a preset for `dvc exp run`")
+    p.add_argument("name", help="e.g. paper")
+    p.set_defaults(func=_cmd_preset)
+
+    p = sub.add_parser("methods", help="list registered methods")
+    p.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except S4segError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
