@@ -230,7 +230,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ParamsError(f"{where}: expected a list of {len(args)} values, found {value!r}")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{where}: expected a list, found {value!r}")

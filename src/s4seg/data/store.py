@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from s4seg.errors import DatasetNotFoundError, DataError
+from s4seg.errors import DataError, DatasetNotFoundError
 
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 

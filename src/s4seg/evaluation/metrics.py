@@ -24,6 +24,10 @@ Absent classes, precisely:
 
     miou, mf1, mprecision, mrecall = NaN-ignoring means over classes
     oa = trace(M) / sum(M)  (overall pixel accuracy; NaN when no pixel was counted)
+
+The official UniMatch / CorrMatch code sums intersections and unions the same way but divides the
+mean by all K classes, so a class absent from both would count as 0 there; on a test set that holds
+every class (the usual case) the two rules agree.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ window of each row and column is shifted inward so it ends exactly at the scene 
 Only a scene smaller than one window is zero-padded at its bottom/right up to the window, and the
 padded part of the prediction is discarded. The softmax probabilities of all windows covering a
 pixel are averaged (probabilities rather than logits, so that one over-confident window cannot
-dominate the vote: the same choice as UniMatch's sliding evaluation, which sums softmax outputs),
-and the label is their argmax.
+dominate the vote), and the label is their argmax. This is UniMatch V2's sliding evaluation
+(reference/unimatch_v2.md: last window snapped to the border, softmax summed): dividing by the
+per-pixel window count does not change the argmax, it only makes the buffer a probability.
+UniMatch V1 and CorrMatch truncate the border windows instead of shifting them.
 """
 
 from __future__ import annotations
