@@ -32,13 +32,17 @@ every class (the usual case) the two rules agree.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from s4seg.config import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    import torch
 
 CLASS_METRICS = ("iou", "f1", "precision", "recall", "pixels")
 MEAN_METRICS = ("miou", "mf1", "mprecision", "mrecall", "oa", "pixels")
@@ -59,7 +63,9 @@ def confusion_matrix(
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     k = int(num_classes)
-    if isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor):
+    # torch only if the caller already uses it: this module stays importable without torch (the report).
+    torch = sys.modules.get("torch")
+    if torch is not None and (isinstance(pred, torch.Tensor) or isinstance(target, torch.Tensor)):
         device = pred.device if isinstance(pred, torch.Tensor) else target.device
         p = torch.as_tensor(pred, device=device).reshape(-1).long()
         t = torch.as_tensor(target, device=device).reshape(-1).long()
@@ -110,12 +116,12 @@ class SegMetrics:
                 "mrecall": self.mrecall, "oa": self.oa, "pixels": float(self.total_pixels)}
 
     def rows(self, classes: Sequence[str]) -> list[tuple[str, str, float]]:
-        """Long-format rows (class, metric, value): per-class metrics, then the means with class ""."""
+        """Long-format rows (class, metric, value): per-class metrics, then the means with class "all"."""
         if len(classes) != len(self.iou):
             raise ValueError(f"{len(classes)} class names for {len(self.iou)} classes")
         out = [(name, metric, float(values[c]))
                for c, name in enumerate(classes) for metric, values in self.per_class().items()]
-        out += [("", metric, float(value)) for metric, value in self.means().items()]
+        out += [("all", metric, float(value)) for metric, value in self.means().items()]
         return out
 
 

@@ -127,7 +127,7 @@ def scene_probabilities(
             logits = predict(batch)
             _check_logits(logits, len(chunk), num_classes, (window, window))
             p = logits.float().softmax(dim=1)
-            for (y, xx), p_win in zip(chunk, p):
+            for (y, xx), p_win in zip(chunk, p, strict=True):
                 probs[:, y : y + window, xx : xx + window] += p_win
                 hits[:, y : y + window, xx : xx + window] += 1
             bar.update(len(chunk))

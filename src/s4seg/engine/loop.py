@@ -1,0 +1,357 @@
+"""The training loop shared by every method: `fit(method, store, split, cfg, ...)`.
+
+One loop, top to bottom, no callbacks: device and DDP setup, data schedule, optimiser, resume, then
+for each optimiser step: set the poly LR, run `accumulate` micro-batches (forward inside the method,
+backward here), average gradients over ranks, step, update the EMA teacher, log, snapshot, checkpoint.
+The method computes losses only (see `s4seg.engine.method`).
+
+Units: a micro-batch is `batch_size` labeled tiles (+ the same number of unlabeled tiles and CutMix
+partners); a step is one optimiser step over `accumulate` micro-batches. Epochs are counted in
+micro-batches (one pass over the unlabeled tiles, or over the labeled tiles with `labeled_only`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from s4seg.config import IGNORE_INDEX, ModelConfig, TrainConfig, to_dict
+from s4seg.data.loaders import PairedSchedule, make_loader
+from s4seg.data.split import Split
+from s4seg.data.store import TileStore
+from s4seg.engine import distributed
+from s4seg.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    load_training_state,
+    model_artifact,
+    restore_rng,
+    run_hash,
+    save_torch_atomic,
+)
+from s4seg.engine.ema import ema_update
+from s4seg.engine.method import Batch, Method, StepOutput
+from s4seg.engine.optim import build_optimizer, poly_lr, set_lr
+from s4seg.errors import ParamsError
+from s4seg.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# TrainConfig keys that change how a run is observed, not what it computes: left out of the resume hash.
+_PRESENTATION_KEYS = ("num_workers", "checkpoint_every", "log_every", "snapshot_every", "snapshot_tiles")
+_BAR_REFRESH_STEPS = 5  # the bar's loss needs .item(), a device sync
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimiser steps of the run: `iterations` if set, else round(epochs * micro-batches per epoch / accumulate)."""
+    if cfg.iterations is not None:
+        return cfg.iterations
+    return max(1, round(cfg.epochs * batches_per_epoch / cfg.accumulate))
+
+
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """`lr`, linearly rescaled when `lr_reference_batch` is set (see TrainConfig)."""
+    if cfg.lr_reference_batch is None:
+        return cfg.lr
+    return cfg.lr * cfg.batch_size * cfg.accumulate * world_size / cfg.lr_reference_batch
+
+
+def validate(cfg: TrainConfig, where: str) -> None:
+    checks = {
+        "batch_size": cfg.batch_size >= 1, "crop": cfg.crop >= 1, "accumulate": cfg.accumulate >= 1,
+        "epochs": cfg.epochs > 0, "lr": cfg.lr > 0, "log_every": cfg.log_every >= 1,
+        "checkpoint_every": cfg.checkpoint_every >= 1, "snapshot_every": cfg.snapshot_every >= 0,
+        "num_workers": cfg.num_workers >= 0,
+        "iterations": cfg.iterations is None or cfg.iterations >= 1,
+        "lr_reference_batch": cfg.lr_reference_batch is None or cfg.lr_reference_batch >= 1,
+        "scale_range": 0 < cfg.scale_range[0] <= cfg.scale_range[1],
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ParamsError(f"params.yaml: {where}.{key} = {getattr(cfg, key)!r} is out of range")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step statistics and the CSV log
+# --------------------------------------------------------------------------------------------------
+class StepStats:
+    """Running sums since the last log row: mean of every log key, and pseudo-label counts.
+
+    Values stay on the device until `row()` (one sync per row instead of one per step).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.count = 0
+        # valid unlabeled pixels, kept ones, kept ones with ground truth (y_u != 255), kept and correct
+        self.pseudo: Tensor | None = None
+
+    def add(self, out: StepOutput, batch: Batch) -> None:
+        self.count += 1
+        for k, v in out.logs.items():
+            v = v.detach().float() if isinstance(v, Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.sums["loss"] = self.sums.get("loss", 0.0) + out.loss.detach().float()
+        if out.pseudo is not None and batch.y_u is not None:
+            valid = batch.valid_u.bool() if batch.valid_u is not None else torch.ones_like(batch.y_u, dtype=torch.bool)
+            keep = out.pseudo.keep.bool() & valid
+            graded = keep & (batch.y_u != IGNORE_INDEX)
+            correct = graded & (out.pseudo.label == batch.y_u)
+            counts = torch.stack([valid.sum(), keep.sum(), graded.sum(), correct.sum()]).double()
+            self.pseudo = counts if self.pseudo is None else self.pseudo + counts
+
+    def row(self) -> dict[str, float]:
+        out = {k: float(v) / self.count for k, v in self.sums.items()}
+        if self.pseudo is not None:
+            valid, kept, graded, correct = self.pseudo.tolist()
+            out["pseudo_kept_share"] = kept / valid if valid > 0 else math.nan  # share of valid pixels trained on
+            out["pseudo_kept_acc"] = correct / graded if graded > 0 else math.nan  # against the hidden GT
+        return out
+
+
+class CsvLog:
+    """logs/*.csv: header from the first row; on resume the rows past the checkpoint are dropped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fields: list[str] | None = None
+
+    def start(self, resume_step: int | None) -> None:
+        """Fresh log (resume_step None) or keep the rows with step <= resume_step."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or []) or None
+                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            if self.fields:
+                writer = csv.DictWriter(f, fieldnames=self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        new_file = self.fields is None
+        if new_file:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            # keys that appear only after the header was written are dropped; missing ones stay empty
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Pseudo-label snapshots
+# --------------------------------------------------------------------------------------------------
+class PseudoLabelSnapshots:
+    """Every `snapshot_every` steps, the method's pseudo-labels of fixed un-augmented unlabeled tiles.
+
+    `writer` has `.add(step, PseudoLabels)` (s4seg.evaluation.snapshots.SnapshotWriter). Snapshots run
+    in eval mode without touching the RNG streams, so taking them does not change the training run.
+    """
+
+    def __init__(self, writer: Any, store: TileStore, tile_ids: list[int]) -> None:
+        self.writer = writer
+        self.tile_ids = [int(i) for i in tile_ids]
+        images = np.stack([store.image(i) for i in self.tile_ids]) if self.tile_ids else None
+        self.images = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+    def take(self, step: int, method: Method, device: torch.device) -> None:
+        if self.images is None:
+            return
+        was_training = method.training
+        rng = capture_rng()
+        method.eval()
+        with torch.no_grad():
+            pseudo = method.pseudo_labels(self.images.to(device))
+        method.train(was_training)
+        restore_rng(rng)
+        self.writer.add(step, pseudo)
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------------
+def fit(
+    method: Method,
+    store: TileStore,
+    split: Split,
+    cfg: TrainConfig,
+    *,
+    model_cfg: ModelConfig,
+    seed: int,
+    out_path: str | Path,
+    log_path: str | Path,
+    checkpoint_dir: str | Path,
+    labeled_only: bool = False,
+    snapshots: PseudoLabelSnapshots | None = None,
+    identity: dict[str, Any] | None = None,
+    section: str = "train",
+) -> dict[str, Any]:
+    """Train `method` on the split's tiles with schedule `cfg`; write the model artifact to `out_path`.
+
+    labeled_only: epochs count passes over the labeled tiles and no unlabeled data is read (warmup).
+    Otherwise epochs count passes over the unlabeled tiles; a method with `uses_unlabeled = False`
+    (supervised) follows that same schedule on labeled tiles only.
+    identity: extra facts that define the run (e.g. the hash of the init weights) for the resume check.
+    Returns {"steps", "seconds", "resumed_from"}.
+    """
+    validate(cfg, section)
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _fit(method, store, split, cfg, ctx, model_cfg=model_cfg, seed=seed, out_path=Path(out_path),
+                    log_path=Path(log_path), checkpoint_dir=Path(checkpoint_dir), labeled_only=labeled_only,
+                    snapshots=snapshots, identity=identity or {})
+    finally:
+        distributed.teardown(ctx)
+
+
+def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: distributed.DistContext, *,
+         model_cfg: ModelConfig, seed: int, out_path: Path, log_path: Path, checkpoint_dir: Path,
+         labeled_only: bool, snapshots: PseudoLabelSnapshots | None, identity: dict[str, Any]) -> dict[str, Any]:
+    device = ctx.device
+    if ctx.is_main:
+        log.info("training %s on %s (world size %d)", method.name, device, ctx.world_size)
+    seed_everything(seed + ctx.rank)  # method randomness (dropout masks) differs per rank
+    method.to(device)
+
+    # Data schedule ---------------------------------------------------------------------------------
+    schedule = PairedSchedule(split.labeled, split.unlabeled, cfg.batch_size, seed, labeled_only=labeled_only,
+                              load_unlabeled=method.uses_unlabeled, rank=ctx.rank, world_size=ctx.world_size)
+    steps = total_steps(cfg, schedule.batches_per_epoch)
+    base_lr = effective_lr(cfg, ctx.world_size)
+
+    # Optimiser and AMP -----------------------------------------------------------------------------
+    groups = method.trainable_groups()
+    params = [p for ps in groups.values() for p in ps]
+    optimizer = build_optimizer(groups, cfg, base_lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    # Resume ----------------------------------------------------------------------------------------
+    train_keys = {k: v for k, v in to_dict(cfg).items() if k not in _PRESENTATION_KEYS}
+    this_run = run_hash({
+        "train": train_keys, "method": method.name, "method_config": method.cfg, "model": model_cfg,
+        "seed": seed, "world_size": ctx.world_size, "labeled_only": labeled_only,
+        "labeled": split.labeled.tolist(), "unlabeled": split.unlabeled.tolist(), "store": len(store), **identity,
+    })
+    ckpt_path = checkpoint_dir / "last.pt"
+    state = load_training_state(ckpt_path, this_run, map_location=device)
+    step = 0
+    if state is not None:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"][ctx.rank])
+        step = int(state["step"])
+        if ctx.is_main:
+            log.info("resumed from %s at step %d of %d", ckpt_path, step, steps)
+    resumed_from = step if state is not None else None
+    del state
+    if ctx.distributed:
+        distributed.broadcast_module(method)
+    csv_log = CsvLog(log_path) if ctx.is_main else None
+    if csv_log is not None:
+        csv_log.start(resumed_from)
+
+    def save_checkpoint() -> None:
+        distributed.average_buffers(method, ctx.world_size)
+        rng = capture_rng()
+        if ctx.distributed:
+            all_rng: list[Any] = [None] * ctx.world_size
+            torch.distributed.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        if ctx.is_main:
+            save_torch_atomic({
+                "format": CHECKPOINT_FORMAT, "run_hash": this_run, "step": step, "total_steps": steps,
+                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": all_rng,
+            }, ckpt_path)
+
+    # Loop ------------------------------------------------------------------------------------------
+    micro_per_step = cfg.accumulate
+    loader = make_loader(store, schedule, crop=cfg.crop, scale_range=cfg.scale_range, seed=seed,
+                         start=step * micro_per_step, stop=steps * micro_per_step, num_workers=cfg.num_workers,
+                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    bar = None
+    if ctx.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=method.name, file=sys.stderr, dynamic_ncols=True)
+    if snapshots is not None and ctx.is_main and step == 0 and cfg.snapshot_every > 0:
+        snapshots.take(0, method, device)
+    stats = StepStats()
+    started = time.perf_counter()
+    method.train()
+    while step < steps:
+        lr = poly_lr(base_lr, step, steps, cfg.poly_power)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(micro_per_step):
+            batch = next(batches).to(device)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                out = method.training_step(batch, step)
+            scaler.scale(out.loss / micro_per_step).backward()
+            stats.add(out, batch)
+        distributed.average_gradients(params, ctx.world_size)
+        scaler.step(optimizer)
+        scaler.update()
+        teacher = method.teacher()
+        if teacher is not None:
+            ema_update(teacher, method.model, step, method.ema_momentum())
+        step += 1
+
+        epoch_end = (step * micro_per_step) // schedule.batches_per_epoch > (
+            (step - 1) * micro_per_step) // schedule.batches_per_epoch
+        if ctx.is_main and (step % cfg.log_every == 0 or step == steps):
+            row = {"step": step, "epoch": step * micro_per_step / schedule.batches_per_epoch, "lr": lr,
+                   **stats.row()}
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"{method.name}: loss is {row['loss']} at step {step}; lower the LR")
+            csv_log.write(row)
+            stats = StepStats()
+        if bar is not None and (step % _BAR_REFRESH_STEPS == 0 or step == steps):
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+        if snapshots is not None and ctx.is_main and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0:
+            snapshots.take(step, method, device)
+        if step % cfg.checkpoint_every == 0 or epoch_end or step == steps:
+            save_checkpoint()
+    if bar is not None:
+        bar.close()
+    del batches
+
+    # Final artifact: the model of the last step (never a "best" epoch picked on test data) ----------
+    distributed.average_buffers(method, ctx.world_size)
+    if ctx.is_main:
+        artifact = model_artifact(method, model_cfg=model_cfg, classes=store.classes, palette=store.palette,
+                                  step=step, train_cfg=cfg)
+        artifact["seed"] = seed
+        save_torch_atomic(artifact, out_path)
+    seconds = time.perf_counter() - started
+    if ctx.is_main:
+        log.info("%s: %d steps done in %.1f s; wrote %s", method.name, step, seconds, out_path)
+    return {"steps": step, "seconds": seconds, "resumed_from": resumed_from}
+

@@ -1,0 +1,189 @@
+"""Pseudo-label quality against the hidden ground truth of unlabeled tiles (diagnostic only).
+
+Every count is over *valid* pixels, i.e. pixels whose ground truth is not IGNORE_INDEX (255): void pixels
+cannot be judged right or wrong. "Kept" pixels are the ones the method trains on (`PseudoLabels.keep`);
+"correct" pixels are those whose pseudo-label equals the ground truth.
+
+Pixel metrics (overall, and per class c):
+
+- `accuracy`: kept & correct / kept. Per class: among kept pixels whose pseudo-label is c (precision).
+- `accuracy_all`: correct / valid, ignoring the selection (the model's own pixel accuracy); per class: among
+  valid pixels whose pseudo-label is c. Comparable between models whatever their selection rule.
+- `coverage`: kept / valid. Per class: among valid pixels whose pseudo-label is c.
+- `mining_ratio`, CorrMatch Sec. 4.4 (arXiv 2306.04300): "The mining ratio is the proportion of selected
+  high-confidence pixels among all correctly predicted pixels", i.e. kept & correct / correct. Per class:
+  among correct pixels of class c.
+- `effective_ratio` (effective pseudo-label ratio), CorrMatch Sec. 4.4: "The effective pseudo label ratio is
+  the proportion of accurately predicted pseudo labels to the whole image, which can reflect effective
+  pseudo label numbers", i.e. kept & correct / valid ("the whole image" read as its valid pixels). Per
+  class: among valid pixels whose ground truth is c (the share of class c that gets a correct, kept label).
+
+Region metrics, RegionMatch Fig. 1 (IJCAI 2025): "Region labels are derived from pixel predictions, with the
+true category defined as the ground truth of the dominant pixel. Based on this, the region accuracy is
+calculated. Regional consistency measures the proportion of pixels in a region belonging to the dominant
+category." Regions are those of the dump (connected components of the whole pseudo-label per class, see
+`s4seg.evaluation.regions`, or a method's own regions), selection is not applied, and only a region's valid
+pixels count; a region without any valid pixel is left out. With g_i the majority ground-truth class of region
+i, n_i its valid pixels and d_i those of them whose ground truth is g_i:
+
+- `region_accuracy`: share of regions whose class (majority pseudo-label) equals g_i. Per class c: among
+  regions of class c.
+- `region_consistency`: mean over regions of d_i / n_i. Per class c: mean over regions of class c.
+- `regions`: the number of regions counted.
+
+A ratio with an empty denominator is NaN. NumPy only (the report imports this module, and must not import
+torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from s4seg.config import IGNORE_INDEX
+
+PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio")
+REGION_METRICS = ("region_accuracy", "region_consistency", "regions")
+METRICS = PIXEL_METRICS + REGION_METRICS
+
+
+class PseudoQuality:
+    """Accumulates the counts behind every metric, tile by tile; `metrics()` turns them into ratios."""
+
+    def __init__(self, num_classes: int) -> None:
+        k = self.num_classes = num_classes
+        # Pixel counts, indexed by the pseudo-label class unless noted.
+        self.valid = np.zeros(k, np.int64)
+        self.kept = np.zeros(k, np.int64)
+        self.correct = np.zeros(k, np.int64)  # pseudo == gt == c
+        self.kept_correct = np.zeros(k, np.int64)
+        self.gt_valid = np.zeros(k, np.int64)  # indexed by the ground-truth class
+        # Region counts, indexed by the region's class.
+        self.regions = np.zeros(k, np.int64)
+        self.regions_correct = np.zeros(k, np.int64)
+        self.consistency_sum = np.zeros(k, np.float64)
+
+    def update(self, pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, regions: np.ndarray | None = None,
+               region_class: np.ndarray | None = None) -> None:
+        """Add one tile (H, W) or a batch (B, H, W).
+
+        `regions` uses the dump's convention (ids 1..n per tile, 0 = none); `region_class` (n,) gives each
+        region's class for a single tile (default: majority pseudo-label of the region). For a batch, ids are
+        taken per tile and `region_class` must be None.
+        """
+        k = self.num_classes
+        pseudo = np.asarray(pseudo).astype(np.int64, copy=False)
+        keep = np.asarray(keep).astype(bool, copy=False)
+        gt = np.asarray(gt)
+        if not (pseudo.shape == keep.shape == gt.shape):
+            raise ValueError(f"shapes differ: pseudo {pseudo.shape}, keep {keep.shape}, gt {gt.shape}")
+        valid = gt != IGNORE_INDEX
+        if (gt[valid] >= k).any():
+            raise ValueError(f"ground truth has class ids >= num_classes ({k}) besides {IGNORE_INDEX}")
+        p, g, kv = pseudo[valid], gt[valid].astype(np.int64), keep[valid]
+        ok = p == g
+        self.valid += np.bincount(p, minlength=k)[:k]
+        self.kept += np.bincount(p[kv], minlength=k)[:k]
+        self.correct += np.bincount(p[ok], minlength=k)[:k]
+        self.kept_correct += np.bincount(p[ok & kv], minlength=k)[:k]
+        self.gt_valid += np.bincount(g, minlength=k)
+        if regions is None:
+            return
+        regions = np.asarray(regions)
+        if regions.shape != gt.shape:
+            raise ValueError(f"regions shape {regions.shape} differs from gt shape {gt.shape}")
+        if regions.ndim == 3:
+            if region_class is not None:
+                raise ValueError("region_class is per tile; pass tiles one by one to give it")
+            for i in range(regions.shape[0]):
+                self._update_regions(regions[i], pseudo[i], gt[i], None)
+        else:
+            self._update_regions(regions, pseudo, gt, region_class)
+
+    def _update_regions(self, regions: np.ndarray, pseudo: np.ndarray, gt: np.ndarray,
+                        region_class: np.ndarray | None) -> None:
+        k = self.num_classes
+        n = int(regions.max(initial=0))
+        if n == 0:
+            return
+        ids = regions.reshape(-1).astype(np.int64)
+        inside = ids > 0
+        if region_class is None:
+            joint_pseudo = np.bincount(ids[inside] * k + pseudo.reshape(-1)[inside], minlength=(n + 1) * k)
+            region_class = joint_pseudo.reshape(n + 1, k)[1:].argmax(axis=1)
+        region_class = np.asarray(region_class).astype(np.int64)
+        if region_class.shape != (n,):
+            raise ValueError(f"region_class has shape {region_class.shape}, expected ({n},) for ids 1..{n}")
+        judged = inside & (gt.reshape(-1) != IGNORE_INDEX)
+        joint = np.bincount(ids[judged] * k + gt.reshape(-1)[judged].astype(np.int64),
+                            minlength=(n + 1) * k).reshape(n + 1, k)[1:]  # (n, K): gt histogram per region
+        size = joint.sum(axis=1)
+        counted = size > 0
+        dominant = joint.argmax(axis=1)
+        consistency = joint.max(axis=1) / np.maximum(size, 1)
+        cls = region_class[counted]
+        self.regions += np.bincount(cls, minlength=k)[:k]
+        self.regions_correct += np.bincount(cls[dominant[counted] == cls], minlength=k)[:k]
+        self.consistency_sum += np.bincount(cls, weights=consistency[counted], minlength=k)[:k]
+
+    def metrics(self) -> dict[str, float]:
+        """Overall metrics (see the module docstring)."""
+        return {
+            "accuracy": _ratio(self.kept_correct.sum(), self.kept.sum()),
+            "accuracy_all": _ratio(self.correct.sum(), self.valid.sum()),
+            "coverage": _ratio(self.kept.sum(), self.valid.sum()),
+            "mining_ratio": _ratio(self.kept_correct.sum(), self.correct.sum()),
+            "effective_ratio": _ratio(self.kept_correct.sum(), self.valid.sum()),
+            "region_accuracy": _ratio(self.regions_correct.sum(), self.regions.sum()),
+            "region_consistency": _ratio(self.consistency_sum.sum(), self.regions.sum()),
+            "regions": float(self.regions.sum()),
+        }
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """Each metric as a (K,) array, grouped as the module docstring says."""
+        return {
+            "accuracy": _ratio(self.kept_correct, self.kept),
+            "accuracy_all": _ratio(self.correct, self.valid),
+            "coverage": _ratio(self.kept, self.valid),
+            "mining_ratio": _ratio(self.kept_correct, self.correct),
+            "effective_ratio": _ratio(self.kept_correct, self.gt_valid),
+            "region_accuracy": _ratio(self.regions_correct, self.regions),
+            "region_consistency": _ratio(self.consistency_sum, self.regions),
+            "regions": self.regions.astype(np.float64),
+        }
+
+    def table(self, model: str, classes: Sequence[str]) -> list[dict[str, object]]:
+        """Long rows (model, class, metric, value): one per class and metric, plus class "all" (overall)."""
+        if len(classes) != self.num_classes:
+            raise ValueError(f"{len(classes)} class names for {self.num_classes} classes")
+        rows: list[dict[str, object]] = []
+        for metric, values in self.per_class().items():
+            rows += [{"model": model, "class": c, "metric": metric, "value": float(v)}
+                     for c, v in zip(classes, values, strict=True)]
+        rows += [{"model": model, "class": "all", "metric": m, "value": v} for m, v in self.metrics().items()]
+        return rows
+
+
+def flat_metrics(qualities: dict[str, PseudoQuality], gain: tuple[str, str] | None = ("student", "warmup")
+                 ) -> dict[str, float | None]:
+    """`{"student.accuracy": ..., "warmup.accuracy": ..., "gain.accuracy": ...}` for `metrics/pseudo.json`.
+
+    `gain.<m>` = first minus second model of `gain`; NaN becomes None (JSON has no NaN).
+    """
+    out: dict[str, float | None] = {}
+    values = {name: q.metrics() for name, q in qualities.items()}
+    for name, metrics in values.items():
+        out.update({f"{name}.{m}": v for m, v in metrics.items()})
+    if gain is not None and gain[0] in values and gain[1] in values:
+        a, b = (values[n] for n in gain)
+        out.update({f"gain.{m}": a[m] - b[m] for m in METRICS})
+    return {k: (None if v is None or np.isnan(v) else float(v)) for k, v in out.items()}
+
+
+def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray | float:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+    return float(out) if out.ndim == 0 else out

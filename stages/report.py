@@ -1,0 +1,41 @@
+"""`report` stage: reports/report.md, reports/report.html and reports/figures/*.png from the artifacts.
+
+    python stages/report.py --params params.yaml --table metrics/eval.parquet --summary metrics/summary.json \
+        --warmup-log logs/warmup.csv --train-log logs/train.csv --tiles data/tiles.zarr \
+        --split data/split.parquet --predictions metrics/predictions.zarr --pseudo metrics/pseudo.parquet \
+        --pseudo-summary metrics/pseudo.json --dump dumps/pseudo.zarr --snapshots dumps/snapshots.zarr \
+        --out reports
+
+Every input is optional: a missing file leaves out the sections that need it (listed at the end of
+the report). No torch is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from s4seg.cli import run_stage
+from s4seg.config import load_params
+from s4seg.report import ReportInputs, build_report
+
+INPUTS = ("table", "summary", "warmup_log", "train_log", "tiles", "split", "predictions", "pseudo",
+          "pseudo_summary", "dump", "snapshots")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    for name in INPUTS:
+        parser.add_argument("--" + name.replace("_", "-"), type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="report directory")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    inputs = ReportInputs(params=Path(args.params), **{name: getattr(args, name) for name in INPUTS})
+    build_report(inputs, args.out, params.report, title=f"s4seg report: {params.method} on {params.dataset.name}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,206 @@
+"""The training loop: determinism, CSV log, artifact, resume (in-process and after SIGKILL), snapshots."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from s4seg.config import ModelConfig
+from s4seg.engine.checkpoint import CHECKPOINT_FORMAT
+from s4seg.engine.loop import PseudoLabelSnapshots, fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+import engine_helpers as h  # noqa: E402
+
+HELPER = Path(__file__).parent / "engine_helpers.py"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return h.make_store(tmp_path_factory.mktemp("tiles") / "tiles.zarr")
+
+
+def _fit(method, store, out: Path, cfg=None, **kw):
+    return fit(method, store, h.make_split(), cfg or h.tiny_train_config(), model_cfg=ModelConfig(weights=None),
+               seed=kw.pop("seed", 0), out_path=out / "model.pt", log_path=out / "log.csv",
+               checkpoint_dir=out / "ckpt", **kw)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_weights_and_params_change(store, tmp_path):
+    cfg = h.tiny_train_config(iterations=3)
+    initial = {k: v.clone() for k, v in h.build("toy").state_dict().items()}
+    _fit(h.build("toy"), store, tmp_path / "a", cfg)
+    _fit(h.build("toy"), store, tmp_path / "b", cfg)
+    _fit(h.build("toy"), store, tmp_path / "c", cfg, seed=1)
+    a, b, c = (_weights(tmp_path / d / "model.pt") for d in "abc")
+    assert _same(a, b)
+    assert not _same(a, c)
+    assert not torch.equal(a["model.head.weight"], initial["model.head.weight"])
+    # the EMA teacher moved too (m = 0 at the first step copies the student)
+    assert not torch.equal(a["ema.head.weight"], initial["ema.head.weight"])
+
+
+def test_csv_log_and_artifact(store, tmp_path):
+    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=6, log_every=2))
+    assert result["steps"] == 6 and result["resumed_from"] is None
+    rows = _rows(tmp_path / "log.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert list(rows[0]) == ["step", "epoch", "lr", "loss_x", "loss_u", "loss", "pseudo_kept_share",
+                             "pseudo_kept_acc"]
+    # 7 unlabeled tiles, batch 2 -> 3 micro-batches per epoch
+    assert [float(r["epoch"]) for r in rows] == pytest.approx([2 / 3, 4 / 3, 2.0], abs=1e-5)
+    assert float(rows[0]["lr"]) == pytest.approx(0.05 * (1 - 1 / 6) ** 0.9)  # lr of step index 1
+    for r in rows:
+        assert math.isfinite(float(r["loss"]))
+        assert 0.0 <= float(r["pseudo_kept_share"]) <= 1.0 and 0.0 <= float(r["pseudo_kept_acc"]) <= 1.0
+    art = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert art["step"] == 6 and art["method"] == "toy_semi" and art["classes"] == list(h.CLASSES)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 6
+    assert {"method", "optimizer", "scaler", "rng", "run_hash"} <= set(ckpt)
+
+
+def test_pseudo_accuracy_against_hidden_truth(store, tmp_path):
+    """A method whose pseudo-labels are the hidden ground truth scores accuracy 1 on kept pixels."""
+    method = h.build("toy")
+    original = method.training_step
+
+    def oracle_step(batch, step):
+        out = original(batch, step)
+        out.pseudo.label = batch.y_u.clamp_max(2)
+        return out
+
+    method.training_step = oracle_step
+    _fit(method, store, tmp_path, h.tiny_train_config(iterations=2, log_every=2))
+    (row,) = _rows(tmp_path / "log.csv")
+    assert float(row["pseudo_kept_acc"]) == 1.0
+
+
+def test_resume_after_crash_gives_identical_weights(store, tmp_path):
+    cfg = h.tiny_train_config(iterations=7, checkpoint_every=2, log_every=1)
+    _fit(h.build("toy"), store, tmp_path / "full", cfg)
+
+    method = h.build("toy")
+    original = method.training_step
+
+    def crash_at_5(batch, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(batch, step)
+
+    method.training_step = crash_at_5
+    with pytest.raises(KeyboardInterrupt):
+        _fit(method, store, tmp_path / "crash", cfg)
+    assert not (tmp_path / "crash" / "model.pt").exists()
+    result = _fit(h.build("toy"), store, tmp_path / "crash", cfg)
+    assert result["resumed_from"] == 4  # last checkpoint before the crash (every 2 steps)
+    assert _same(_weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "crash" / "model.pt"))
+    # the log has each step once, as if never interrupted
+    assert [r["step"] for r in _rows(tmp_path / "crash" / "log.csv")] == [str(i) for i in range(1, 8)]
+    assert _rows(tmp_path / "crash" / "log.csv") == _rows(tmp_path / "full" / "log.csv")
+
+
+def test_changed_config_does_not_resume(store, tmp_path):
+    _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2))
+    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2, lr=0.01))
+    assert result["resumed_from"] is None
+    # presentation-only keys do not invalidate the checkpoint
+    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2, lr=0.01, log_every=5))
+    assert result["resumed_from"] == 2
+
+
+def test_supervised_on_semi_schedule_and_warmup_schedule(store, tmp_path):
+    cfg = h.tiny_train_config(iterations=None, epochs=2.0)
+    # train schedule: epochs over the 7 unlabeled tiles -> 3 batches of 2 per epoch
+    assert _fit(h.build("supervised"), store, tmp_path / "semi", cfg)["steps"] == 6
+    # warmup schedule: epochs over the 3 labeled tiles -> 1 batch of 2 per epoch
+    assert _fit(h.build("supervised"), store, tmp_path / "warm", cfg, labeled_only=True)["steps"] == 2
+    rows = _rows(tmp_path / "semi" / "log.csv")
+    assert "pseudo_kept_share" not in rows[0] and "loss_x" in rows[0]
+
+
+def test_gradient_accumulation_counts_steps(store, tmp_path):
+    cfg = h.tiny_train_config(iterations=None, epochs=2.0, batch_size=1, accumulate=3)
+    # 7 unlabeled tiles, batch 1 -> 7 micro-batches per epoch; 14 micro-batches / 3 per step -> 5 steps
+    assert _fit(h.build("toy"), store, tmp_path, cfg)["steps"] == 5
+    assert [float(r["epoch"]) for r in _rows(tmp_path / "log.csv")][-1] == pytest.approx(15 / 7, abs=1e-5)
+
+
+class _RecordingWriter:
+    def __init__(self):
+        self.steps, self.shapes = [], []
+
+    def add(self, step, pseudo):
+        self.steps.append(step)
+        self.shapes.append(tuple(pseudo.label.shape))
+
+
+def test_snapshots_do_not_change_training(store, tmp_path):
+    cfg = h.tiny_train_config(iterations=4)
+    _fit(h.build("toy"), store, tmp_path / "plain", cfg)
+    writer = _RecordingWriter()
+    snaps = PseudoLabelSnapshots(writer, store, [3, 4])
+    _fit(h.build("toy"), store, tmp_path / "snap", h.tiny_train_config(iterations=4, snapshot_every=2),
+         snapshots=snaps)
+    assert writer.steps == [0, 2, 4] and writer.shapes == [(2, 16, 16)] * 3
+    assert _same(_weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "snap" / "model.pt"))
+
+
+def _run_helper(tmp: Path, store: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(HELPER), "--store", str(store), "--out", str(tmp / "model.pt"),
+         "--log", str(tmp / "log.csv"), "--checkpoints", str(tmp / "ckpt"), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_finishes_same_run(store, tmp_path):
+    args = ("--iterations", "24", "--checkpoint-every", "3")
+    killed = _run_helper(tmp_path / "killed", store.path, *args, "--sleep", "0.1")
+    # the uninterrupted reference, in this process, with the helper's exact config
+    _fit(h.build("toy"), store, tmp_path / "full", h.tiny_train_config(iterations=24, checkpoint_every=3, log_every=2))
+
+    ckpt = tmp_path / "killed" / "ckpt" / "last.pt"
+    deadline = time.time() + 30
+    while time.time() < deadline and killed.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["step"] >= 6:
+            break
+        time.sleep(0.1)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=10)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert 6 <= step_at_kill < 24
+
+    rerun = _run_helper(tmp_path / "killed", store.path, *args)
+    _, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    assert f"resumed from {ckpt} at step" in err
+    full_art = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    resumed_art = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert resumed_art["step"] == full_art["step"] == 24
+    assert _same(full_art["state_dict"], resumed_art["state_dict"])
+    assert _rows(tmp_path / "killed" / "log.csv") == _rows(tmp_path / "full" / "log.csv")

@@ -1,0 +1,173 @@
+"""Pseudo-label quality metrics against brute-force pixel and region counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from s4seg.evaluation.pseudo_quality import METRICS, PseudoQuality, flat_metrics
+
+IGN = 255
+
+
+def _brute_pixels(pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, k: int) -> dict[str, list[float]]:
+    """Loop over every pixel; ratios as the module docstring defines them, per class and overall (last)."""
+    c = {name: [0] * (k + 1) for name in ("valid", "kept", "correct", "kept_correct", "gt_valid")}
+    for p, kp, g in zip(pseudo.ravel(), keep.ravel(), gt.ravel(), strict=True):
+        if g == IGN:
+            continue
+        for idx in (int(p), k):
+            c["valid"][idx] += 1
+            c["kept"][idx] += bool(kp)
+            c["correct"][idx] += int(p == g)
+            c["kept_correct"][idx] += int(p == g and kp)
+        c["gt_valid"][int(g)] += 1
+        c["gt_valid"][k] += 1
+
+    def r(a: str, b: str) -> list[float]:
+        return [c[a][i] / c[b][i] if c[b][i] else math.nan for i in range(k + 1)]
+
+    return {"accuracy": r("kept_correct", "kept"), "accuracy_all": r("correct", "valid"),
+            "coverage": r("kept", "valid"), "mining_ratio": r("kept_correct", "correct"),
+            "effective_ratio": r("kept_correct", "gt_valid")}
+
+
+def _close(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-12
+
+
+def test_pixel_metrics_match_brute_force_with_ignore_pixels() -> None:
+    rng = np.random.default_rng(0)
+    k = 4
+    gt = rng.integers(0, k, (3, 9, 7)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = IGN  # ignore pixels
+    pseudo = np.where(rng.random(gt.shape) < 0.6, np.where(gt == IGN, 0, gt), rng.integers(0, k, gt.shape))
+    pseudo[..., 0] = 3  # class 3 predicted only in the first column ...
+    gt[gt == 3] = 2  # ... and never in the ground truth: accuracy of class 3 is 0, effective ratio NaN
+    keep = rng.random(gt.shape) < 0.7
+    keep[0, 0, 0], gt[0, 0, 0] = True, IGN  # a kept ignore pixel must not count anywhere
+    q = PseudoQuality(k)
+    q.update(pseudo[0], keep[0], gt[0])  # tiles one by one and as a batch give the same counts
+    q.update(pseudo[1:], keep[1:], gt[1:])
+    expected = _brute_pixels(pseudo, keep, gt, k)
+    per_class, overall = q.per_class(), q.metrics()
+    for name, values in expected.items():
+        for c in range(k):
+            assert _close(per_class[name][c], values[c]), (name, c, per_class[name][c], values[c])
+        assert _close(overall[name], values[k]), (name, overall[name], values[k])
+    assert per_class["accuracy"][3] == 0.0 and math.isnan(per_class["effective_ratio"][3])
+
+
+def test_hand_counted_case() -> None:
+    # 2x3 tile: gt [[0, 0, 1], [1, 255, 1]], pseudo [[0, 1, 1], [1, 1, 0]], keep [[1, 1, 0], [1, 1, 1]]
+    gt = np.array([[0, 0, 1], [1, IGN, 1]], np.uint8)
+    pseudo = np.array([[0, 1, 1], [1, 1, 0]])
+    keep = np.array([[1, 1, 0], [1, 1, 1]], bool)
+    q = PseudoQuality(2)
+    q.update(pseudo, keep, gt)
+    m = q.metrics()
+    # valid: 5 pixels; correct: (0,0), (0,2), (1,0) = 3; kept valid: (0,0), (0,1), (1,0), (1,2) = 4;
+    # kept & correct: (0,0), (1,0) = 2
+    assert m["accuracy"] == pytest.approx(2 / 4)
+    assert m["accuracy_all"] == pytest.approx(3 / 5)
+    assert m["coverage"] == pytest.approx(4 / 5)
+    assert m["mining_ratio"] == pytest.approx(2 / 3)
+    assert m["effective_ratio"] == pytest.approx(2 / 5)
+
+
+def _brute_regions(regions: np.ndarray, pseudo: np.ndarray, gt: np.ndarray, k: int) -> dict[str, list[float]]:
+    correct, consistency, count = [0] * (k + 1), [0.0] * (k + 1), [0] * (k + 1)
+    for rid in range(1, int(regions.max()) + 1):
+        members = regions == rid
+        cls = np.bincount(pseudo[members], minlength=k).argmax()
+        g = gt[members & (gt != IGN)]
+        if g.size == 0:
+            continue
+        hist = np.bincount(g, minlength=k)
+        for idx in (cls, k):
+            count[idx] += 1
+            correct[idx] += int(hist.argmax() == cls)
+            consistency[idx] += hist.max() / g.size
+    return {"region_accuracy": [a / n if n else math.nan for a, n in zip(correct, count, strict=True)],
+            "region_consistency": [a / n if n else math.nan for a, n in zip(consistency, count, strict=True)],
+            "regions": [float(n) for n in count]}
+
+
+def test_region_metrics_on_constructed_regions() -> None:
+    # Three regions of one tile, known by construction:
+    #   region 1 (class 0), 6 pixels: gt 0,0,0,0,1,255 -> dominant 0 = its class (correct), consistency 4/5
+    #   region 2 (class 1), 4 pixels: gt 0,0,0,1        -> dominant 0 != 1 (wrong),          consistency 3/4
+    #   region 3 (class 1), 2 pixels: gt 255, 255       -> no valid pixel: not counted
+    regions = np.array([[1, 1, 1, 2, 2, 0],
+                        [1, 1, 1, 2, 2, 3]], np.int32)
+    regions[0, 5] = 3
+    pseudo = np.where(regions == 1, 0, 1)
+    gt = np.array([[0, 0, 0, 0, 0, IGN],
+                   [0, 1, IGN, 0, 1, IGN]], np.uint8)
+    q = PseudoQuality(2)
+    q.update(pseudo, np.ones_like(gt, bool), gt, regions)
+    m, pc = q.metrics(), q.per_class()
+    assert m["regions"] == 2
+    assert m["region_accuracy"] == pytest.approx(1 / 2)
+    assert m["region_consistency"] == pytest.approx((4 / 5 + 3 / 4) / 2)
+    assert pc["region_accuracy"].tolist() == [1.0, 0.0]
+    assert pc["region_consistency"].tolist() == pytest.approx([4 / 5, 3 / 4])
+    # An explicit region_class overrides the majority rule: call region 2 class 0 and it becomes correct.
+    q2 = PseudoQuality(2)
+    q2.update(pseudo, np.ones_like(gt, bool), gt, regions, region_class=np.array([0, 0, 1]))
+    assert q2.metrics()["region_accuracy"] == pytest.approx(1.0)
+
+
+def test_region_metrics_match_brute_force_on_random_regions() -> None:
+    rng = np.random.default_rng(1)
+    k = 3
+    regions = rng.integers(0, 6, (2, 8, 8)).astype(np.int32)  # regions spanning classes, 0 = none
+    pseudo = rng.integers(0, k, regions.shape)
+    gt = rng.integers(0, k, regions.shape).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.25] = IGN
+    q = PseudoQuality(k)
+    q.update(pseudo, np.ones_like(gt, bool), gt, regions)
+    expected = {name: [0.0] * (k + 1) for name in ("region_accuracy", "region_consistency", "regions")}
+    # Per tile brute force, then combine (counts add; ratios are re-weighted by region counts)
+    tiles = [_brute_regions(regions[i], pseudo[i], gt[i], k) for i in range(2)]
+    for idx in range(k + 1):
+        n = sum(t["regions"][idx] for t in tiles)
+        expected["regions"][idx] = n
+        for name in ("region_accuracy", "region_consistency"):
+            total = sum(t[name][idx] * t["regions"][idx] for t in tiles if t["regions"][idx])
+            expected[name][idx] = total / n if n else math.nan
+    pc, m = q.per_class(), q.metrics()
+    for name, values in expected.items():
+        for c in range(k):
+            assert _close(pc[name][c], values[c]), (name, c)
+        assert _close(m[name], values[k]), name
+
+
+def test_flat_metrics_gain_and_nan_to_none() -> None:
+    gt = np.array([[0, 1]], np.uint8)
+    student, warmup = PseudoQuality(2), PseudoQuality(2)
+    student.update(np.array([[0, 1]]), np.array([[True, True]]), gt)
+    warmup.update(np.array([[0, 0]]), np.array([[True, False]]), gt)
+    flat = flat_metrics({"student": student, "warmup": warmup})
+    assert flat["student.accuracy"] == 1.0 and flat["warmup.accuracy_all"] == 0.5
+    assert flat["gain.accuracy_all"] == pytest.approx(0.5)
+    assert flat["gain.coverage"] == pytest.approx(0.5)
+    assert flat["student.region_accuracy"] is None  # no regions given: NaN -> None
+    assert {k.split(".", 1)[1] for k in flat} == set(METRICS)
+
+
+def test_table_rows_and_errors() -> None:
+    q = PseudoQuality(2)
+    q.update(np.array([[0, 1]]), np.array([[True, False]]), np.array([[0, 0]], np.uint8))
+    rows = q.table("student", ["a", "b"])
+    assert len(rows) == len(METRICS) * 3  # two classes + "all"
+    acc_a = next(r for r in rows if r["class"] == "a" and r["metric"] == "accuracy")
+    assert acc_a == {"model": "student", "class": "a", "metric": "accuracy", "value": 1.0}
+    with pytest.raises(ValueError, match="3 class names for 2 classes"):
+        q.table("student", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="shapes differ"):
+        q.update(np.zeros((2, 2), int), np.zeros((2, 3), bool), np.zeros((2, 2), np.uint8))
+    with pytest.raises(ValueError, match="class ids >= num_classes"):
+        q.update(np.zeros((1, 1), int), np.zeros((1, 1), bool), np.full((1, 1), 7, np.uint8))

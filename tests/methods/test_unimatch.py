@@ -1,0 +1,234 @@
+"""UniMatch V1: feature-perturbation stream wiring, dual strong streams, loss weights, smoke."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from s4seg.config import IGNORE_INDEX, load_params
+from s4seg.engine.method import Batch, PseudoLabels, method_config
+from s4seg.errors import ParamsError
+from s4seg.methods import unimatch
+from s4seg.methods.losses import select_confident
+from s4seg.methods.unimatch import UniMatch, UniMatchConfig, feature_perturbation, unimatch_loss
+from s4seg.models.base import Segmenter
+
+PARAMS_YAML = Path(__file__).resolve().parents[2] / "params.yaml"
+K = 3
+
+
+class TinySegmenter(Segmenter):
+    """c1 (conv + BN + ReLU, full resolution), c4 (strided conv) and a 1x1 classifier."""
+
+    def __init__(self, num_classes: int = K) -> None:
+        super().__init__(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.c1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.c4 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(10, num_classes, 1)
+
+    def encode(self, images: Tensor) -> list[Tensor]:
+        c1 = self.c1(self.normalize(images))
+        return [c1, self.c4(c1)]
+
+    def decode(self, feats: list[Tensor], size: tuple[int, int], return_embedding: bool = False) -> Any:
+        c1, c4 = feats
+        emb = torch.cat([c1, F.interpolate(c4, size=c1.shape[-2:], mode="nearest")], dim=1)
+        logits = F.interpolate(self.classifier(emb), size=size, mode="bilinear", align_corners=False)
+        return (logits, emb) if return_embedding else logits
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": [*self.c1.parameters(), *self.c4.parameters()], "head": [*self.classifier.parameters()]}
+
+
+def make_batch(b: int = 2, size: int = 12, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+
+    def image() -> Tensor:
+        return torch.rand(b, 3, size, size, generator=g)
+
+    y = torch.randint(0, K, (b, size, size), generator=g)
+    y[:, :, -2:] = IGNORE_INDEX
+    u_w, u_w_mix = image(), image()
+    box1 = torch.zeros(b, size, size, dtype=torch.bool)
+    box1[:, 2:7, 3:9] = True
+    box2 = torch.zeros(b, size, size, dtype=torch.bool)
+    box2[:, 6:11, 1:5] = True
+    valid_u = torch.ones(b, size, size, dtype=torch.bool)
+    valid_u[:, -3:] = False
+    valid_u_mix = torch.ones(b, size, size, dtype=torch.bool)
+    valid_u_mix[:, :, :2] = False
+    return Batch(
+        x=image(), y=y, u_w=u_w, u_s1=(u_w + 0.2 * image()).clamp(0, 1), u_s2=(u_w - 0.2 * image()).clamp(0, 1),
+        box1=box1, box2=box2, valid_u=valid_u, u_w_mix=u_w_mix, u_s1_mix=(u_w_mix * 0.8),
+        u_s2_mix=(u_w_mix * 0.6), valid_u_mix=valid_u_mix,
+        y_u=torch.randint(0, K, (b, size, size), generator=g),
+        y_u_mix=torch.randint(0, K, (b, size, size), generator=g),
+        ids_u=torch.arange(b),
+    )  # fmt: skip
+
+
+def fake_pseudo(value_of: dict[int, int]) -> Any:
+    """pseudo_labels stub: label = value_of[id(images)] everywhere, confidence 1, keep = valid."""
+
+    def pseudo_labels(images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
+        b, _, h, w = images.shape
+        v = torch.ones(b, h, w, dtype=torch.bool) if valid is None else valid
+        return PseudoLabels(torch.full((b, h, w), value_of[id(images)]), torch.ones(b, h, w), v.clone())
+
+    return pseudo_labels
+
+
+def make(**cfg: Any) -> UniMatch:
+    torch.manual_seed(0)
+    return UniMatch(UniMatchConfig(**cfg), TinySegmenter(), K)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_shipped_params_section_builds_with_the_paper_defaults() -> None:
+    section = load_params(PARAMS_YAML).methods["unimatch"]
+    assert method_config("unimatch", section) == UniMatchConfig()
+    assert UniMatchConfig().conf_thresh == 0.95 and UniMatchConfig().fp_dropout == 0.5
+
+
+def test_bad_params_name_the_section() -> None:
+    with pytest.raises(ParamsError, match=r"methods.unimatch: fp_dropout must be in \[0, 1\), found 1.0"):
+        method_config("unimatch", {"fp_dropout": 1.0})
+    with pytest.raises(ParamsError, match="methods.unimatch: cutmix_partner must be one of batch, flip"):
+        method_config("unimatch", {"cutmix_partner": "x"})
+
+
+def test_feature_perturbation_drops_whole_channels_per_sample_and_level_with_x2() -> None:
+    torch.manual_seed(0)
+    feats = [torch.rand(4, 64, 3, 3) + 0.1, torch.rand(4, 64, 2, 2) + 0.1]  # strictly positive
+    out = feature_perturbation(feats, 0.5)
+    masks = []
+    for f, g in zip(feats, out, strict=True):
+        ratio = g / f  # (B, C, h, w): 0 or 2, constant over each channel map
+        assert torch.all((ratio == 0) | torch.isclose(ratio, torch.tensor(2.0)))
+        per_channel = ratio[..., 0, 0]
+        assert torch.equal(ratio, per_channel[..., None, None].expand_as(ratio))
+        assert 0 < (per_channel == 0).float().mean() < 1
+        masks.append(per_channel == 0)
+    assert not torch.equal(masks[0], masks[1])  # independent draws for the two levels
+    assert not torch.equal(masks[0][0], masks[0][1])  # and for the samples
+
+
+def test_forward_with_fp_decodes_clean_and_perturbed_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batch = make(), make_batch()
+    encode, decode = method.model.encode, method.model.decode
+    seen: dict[str, Any] = {"decode_calls": 0}
+
+    def spy_encode(images: Tensor) -> list[Tensor]:
+        seen["feats"] = encode(images)
+        return seen["feats"]
+
+    def spy_decode(feats: list[Tensor], size: tuple[int, int], return_embedding: bool = False) -> Any:
+        seen["decode_calls"] += 1
+        seen["decoded"] = feats
+        return decode(feats, size, return_embedding)
+
+    monkeypatch.setattr(method.model, "encode", spy_encode)
+    monkeypatch.setattr(method.model, "decode", spy_decode)
+    logits_x, logits_w, logits_fp = method.forward_with_fp(batch.x, batch.u_w)
+    assert seen["decode_calls"] == 1
+    n = len(batch.x) + len(batch.u_w)
+    for clean, joint in zip(seen["feats"], seen["decoded"], strict=True):
+        assert len(joint) == 2 * n
+        assert torch.equal(joint[:n], clean)  # clean half first
+        scale = joint[n:] / clean.clamp_min(1e-12)
+        nonzero = clean > 0
+        assert torch.all(torch.isclose(scale[nonzero], torch.tensor(2.0)) | (scale[nonzero] == 0))
+    assert logits_x.shape == logits_w.shape == logits_fp.shape == (2, K, 12, 12)
+    assert not torch.allclose(logits_w, logits_fp)
+
+    # the FP logits' gradient reaches the encoder through the dropout
+    stem = method.model.c1[0].weight
+    (grad,) = torch.autograd.grad(logits_fp.square().sum(), stem)
+    assert grad.abs().sum() > 0
+
+
+def test_streams_train_on_the_right_targets_and_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batch = make(), make_batch()
+    method.pseudo_labels = fake_pseudo({id(batch.u_w): 0, id(batch.u_w_mix): 1})
+    mixed1 = torch.where(batch.box1, 1, 0)
+    mixed2 = torch.where(batch.box2, 1, 0)
+    calls = []
+
+    def fake_unlabeled_ce(logits: Tensor, label: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
+        # a distinct known value per stream, recognised by its targets
+        calls.append(label)
+        if torch.equal(label, mixed1):
+            assert torch.equal(valid, torch.where(batch.box1, batch.valid_u_mix, batch.valid_u))
+            return logits.sum() * 0 + 2.0
+        if torch.equal(label, mixed2):
+            return logits.sum() * 0 + 4.0
+        assert torch.equal(label, torch.zeros_like(label))  # FP stream: the un-mixed weak targets
+        assert torch.equal(valid, batch.valid_u) and torch.equal(keep, batch.valid_u)
+        return logits.sum() * 0 + 8.0
+
+    monkeypatch.setattr(unimatch, "unlabeled_ce", fake_unlabeled_ce)
+    monkeypatch.setattr(unimatch, "labeled_ce", lambda logits, y: logits.sum() * 0 + 1.0)
+    out = method.training_step(batch, 0)
+    assert len(calls) == 3
+    assert {k: float(out.logs[k]) for k in ("loss_x", "loss_u_s1", "loss_u_s2", "loss_u_fp")} == {
+        "loss_x": 1.0, "loss_u_s1": 2.0, "loss_u_s2": 4.0, "loss_u_fp": 8.0,
+    }  # fmt: skip
+    assert out.loss.item() == pytest.approx((1.0 + 0.25 * 2.0 + 0.25 * 4.0 + 0.5 * 8.0) / 2)
+
+
+def test_unimatch_loss_weights() -> None:
+    one = torch.tensor(1.0)
+    assert unimatch_loss(one, 0 * one, 0 * one, 0 * one).item() == 0.5
+    assert unimatch_loss(0 * one, one, 0 * one, 0 * one).item() == 0.125
+    assert unimatch_loss(0 * one, 0 * one, one, 0 * one).item() == 0.125
+    assert unimatch_loss(0 * one, 0 * one, 0 * one, one).item() == 0.25
+
+
+def test_strong_views_are_cutmixed_with_the_partner_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    method, batch = make(), make_batch()
+    seen = []
+    forward = method.model.forward
+    monkeypatch.setattr(method.model, "forward", lambda images: seen.append(images) or forward(images))
+    method.training_step(batch, 0)
+    strong = [s for s in seen if len(s) == 2 * len(batch.u_s1)][-1]
+    s1, s2 = strong.chunk(2)
+    assert torch.equal(s1, torch.where(batch.box1[:, None], batch.u_s1_mix, batch.u_s1))
+    assert torch.equal(s2, torch.where(batch.box2[:, None], batch.u_s2_mix, batch.u_s2))
+
+
+def test_weak_labels_from_train_forward_uses_the_clean_weak_logits_of_the_fp_pass() -> None:
+    method, batch = make(conf_thresh=0.4, weak_labels_from_train_forward=True), make_batch()
+    torch.manual_seed(1)
+    out = method.training_step(batch, 0)
+    torch.manual_seed(1)  # same dropout draw: the decoder's BN statistics mix clean and perturbed features
+    with torch.no_grad():
+        _, logits_w, _ = method.forward_with_fp(batch.x, batch.u_w)
+    expected = select_confident(logits_w, 0.4, batch.valid_u)
+    assert torch.equal(out.pseudo.label, expected.label) and torch.allclose(out.pseudo.conf, expected.conf)
+
+
+def test_default_pseudo_labels_are_the_eval_mode_prediction() -> None:
+    method, batch = make(conf_thresh=0.4), make_batch()
+    expected = method.pseudo_labels(batch.u_w, batch.valid_u)
+    out = method.training_step(batch, 0)
+    assert torch.equal(out.pseudo.label, expected.label) and torch.equal(out.pseudo.keep, expected.keep)
+    assert method.model.training and method.teacher() is None
+
+
+def test_smoke_a_few_sgd_steps() -> None:
+    method = make(conf_thresh=0.0)
+    params = [p for v in method.trainable_groups().values() for p in v]
+    before = [p.detach().clone() for p in params]
+    for t in range(3):
+        out = method.training_step(make_batch(seed=t), t)
+        assert torch.isfinite(out.loss) and all(torch.isfinite(torch.as_tensor(v)) for v in out.logs.values())
+        grads = torch.autograd.grad(out.loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(0.1 * g)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
