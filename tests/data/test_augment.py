@@ -85,7 +85,7 @@ def test_weak_is_deterministic_per_seed():
     image, mask = torch.rand(3, 20, 20), torch.randint(0, 3, (20, 20))
     a = weak_augment(image, mask, 16, (0.5, 2.0), _gen(3))
     b = weak_augment(image, mask, 16, (0.5, 2.0), _gen(3))
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_hsv_round_trip_and_against_colorsys():

@@ -30,9 +30,9 @@ def tiny_models(monkeypatch):
     monkeypatch.setattr(s4seg.models, "build_model", lambda cfg, k, load_pretrained=True: h.TinySegmenter(k))
 
 
-def _artifact(method, model_cfg=ModelConfig(weights=None)):
-    return model_artifact(method, model_cfg=model_cfg, classes=list(h.CLASSES), palette=list(h.PALETTE), step=5,
-                          train_cfg=TrainConfig())
+def _artifact(method):
+    return model_artifact(method, model_cfg=ModelConfig(weights=None), classes=list(h.CLASSES),
+                          palette=list(h.PALETTE), step=5, train_cfg=TrainConfig())
 
 
 def test_model_round_trip(tmp_path, tiny_models):
@@ -43,7 +43,7 @@ def test_model_round_trip(tmp_path, tiny_models):
     save_torch_atomic(_artifact(method), tmp_path / "m.pt")
     loaded = load_method(tmp_path / "m.pt")
     assert loaded.name == "supervised" and not loaded.training
-    for (k, v), (k2, v2) in zip(method.state_dict().items(), loaded.state_dict().items()):
+    for (k, v), (k2, v2) in zip(method.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     x = torch.rand(1, 3, 8, 8)
     method.eval()

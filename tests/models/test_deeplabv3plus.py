@@ -93,3 +93,11 @@ def test_freeze_encoder():
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.param_groups()["head"])
     torch.testing.assert_close(model.backbone._bn0.running_mean, before)
+
+
+def test_decoder_channels_set_aspp_and_decoder_width():
+    model = small_model(decoder_channels=64).eval()
+    assert model.head.project[0].out_channels == 64 and model.fuse[1][0].in_channels == 64
+    with torch.no_grad():
+        logits, embedding = model.decode(model.encode(torch.rand(1, 3, 32, 32)), (32, 32), return_embedding=True)
+    assert embedding.shape == (1, 64, 8, 8) and logits.shape == (1, 3, 32, 32)

@@ -81,6 +81,8 @@ def test_model_config_validation():
         ModelConfig(aspp_dilations=(6, 0))
     with pytest.raises(ParamsError, match="weights: expected 'package', a file path or null"):
         ModelConfig(weights=" ")
+    with pytest.raises(ParamsError, match="decoder_channels: expected a positive integer, found 0"):
+        ModelConfig(decoder_channels=0)
 
 
 def test_shipped_params_build():

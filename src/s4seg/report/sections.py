@@ -114,7 +114,7 @@ def metrics(ctx: ReportContext) -> Section | None:
             pixels = per_class[per_class["metric"] == "pixels"].groupby("class")["value"].first()
             share = 100 * pixels / max(pixels.sum(), 1)
             frame = with_gain(iou).assign(**{"GT pixels %": share.reindex(iou.index)})
-            blocks += [Text("Per-class IoU on the test tiles (NaN: the class occurs in neither the ground truth "
+            blocks += [Text("Per-class IoU on the test tiles (n/a: the class occurs in neither the ground truth "
                             "nor the prediction)."), Table(frame)]
         scenes = table[(table["scope"] == "scene") & (table["scene"] != "") & (table["class"] == "all")
                        & (table["metric"] == "miou")]
