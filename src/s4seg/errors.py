@@ -21,3 +21,7 @@ class DataError(S4segError, ValueError):
 
 class CheckpointError(S4segError, ValueError):
     """A checkpoint or weights file is missing keys, has wrong shapes or was built by another config."""
+
+
+class WeightsNotFoundError(CheckpointError, FileNotFoundError):
+    """`model.weights` (or a model file given to a stage) names a file that does not exist."""

@@ -31,16 +31,17 @@ def _tiny_params() -> Params:
 def test_unknown_method_fails_before_running(tmp_path):
     from s4seg.engine.bench import bench_train
 
-    with pytest.raises(ParamsError, match="'nope' is not registered; choose one of"):
+    with pytest.raises(ParamsError, match="'nope' is not registered; choose one of: fixmatch, supervised"):
         bench_train(["nope"], _tiny_params(), batch=1, crop=32, iters=1, out_json=tmp_path / "b.json")
 
 
-@pytest.mark.slow
-def test_bench_train_writes_json(tmp_path, capsys):
-    from s4seg.engine.bench import bench_train
+def test_bench_train_aggregates_and_writes_json(tmp_path, capsys, monkeypatch):
+    """The per-method runs in this process (bench_one), to check ratios, JSON and table cheaply."""
+    from s4seg.engine import bench
 
+    monkeypatch.setattr(bench, "bench_in_subprocess", bench.bench_one)
     out = tmp_path / "bench" / "train.json"
-    rows = bench_train(["fixmatch", "supervised"], _tiny_params(), batch=1, crop=32, iters=1, out_json=out)
+    rows = bench.bench_train(["fixmatch", "supervised"], _tiny_params(), batch=2, crop=32, iters=1, out_json=out)
     assert json.loads(out.read_text()) == rows
     assert [r["method"] for r in rows] == ["fixmatch", "supervised"]
     assert rows[0]["ratio_to_fixmatch"] == 1.0
@@ -48,3 +49,12 @@ def test_bench_train_writes_json(tmp_path, capsys):
     assert all(r["sec_per_iter"] > 0 and r["peak_rss_mib"] > 50 for r in rows)
     printed = capsys.readouterr().out
     assert printed.strip() == format_table(rows) and "supervised" in printed
+
+
+@pytest.mark.slow
+def test_bench_subprocess_reports_its_own_run():
+    from s4seg.engine.bench import bench_in_subprocess
+
+    row = bench_in_subprocess("supervised", _tiny_params(), batch=2, crop=32, iters=1)
+    assert row["method"] == "supervised" and row["device"] == "cpu" and row["sec_per_iter"] > 0
+    assert row["peak_rss_mib"] > 50

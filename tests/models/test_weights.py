@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from s4seg.config import ModelConfig
-from s4seg.errors import CheckpointError, ParamsError
+from s4seg.errors import CheckpointError, ParamsError, WeightsNotFoundError
 from s4seg.models import build_model
 from s4seg.models.efficientnet_lite import package_weights_path
 from s4seg.models.vit import vit_small
-from s4seg.models.weights import WeightsNotFoundError, load_weights, read_state_dict
+from s4seg.models.weights import load_weights, read_state_dict
 
 
 def cfg(**kwargs) -> ModelConfig:

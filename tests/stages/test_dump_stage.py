@@ -108,6 +108,16 @@ def test_run_dump_writes_dump_metrics_table_and_report_sections(tmp_path: Path) 
                                          "pseudo_snapshots_strip.png", "pseudo_tile_1.png"}
 
 
+def test_dump_params_are_validated() -> None:
+    from s4seg.config import from_dict
+    from s4seg.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"params.yaml: dump: batch_size = 0: expected a positive number"):
+        from_dict(DumpConfig, {"batch_size": 0}, where="params.yaml: dump")
+    with pytest.raises(ParamsError, match=r"min_region_pixels = 0: expected 1 or more"):
+        from_dict(DumpConfig, {"min_region_pixels": 0}, where="params.yaml: dump")
+
+
 def test_run_dump_without_unlabeled_tiles_fails(tmp_path: Path) -> None:
     stage = _stage()
     store = _store(tmp_path / "tiles.zarr")

@@ -109,28 +109,31 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     return row
 
 
+def bench_in_subprocess(method_name: str, params: Params, batch: int, crop: int, iters: int) -> dict:
+    """`bench_one` in a fresh Python process, so that its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "s4seg.engine.bench", "--method", method_name, "--batch", str(batch),
+           "--crop", str(crop), "--iters", str(iters), "--params-json", json.dumps(to_dict(params))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench of {method_name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def bench_train(methods: list[str] | None, params: Params, *, batch: int, crop: int, iters: int,
                 out_json: str | Path, echo: bool = True) -> list[dict]:
     """Benchmark each method in a subprocess; add the ratio to fixmatch; write `out_json` atomically.
 
     methods None = every registered method. `echo` prints a table to stdout.
     """
-    if methods is None:
-        from s4seg.methods import registered_methods
-
-        methods = registered_methods()
     from s4seg.engine.method import method_class
+    from s4seg.methods import registered_methods  # fills the registry
+
+    if methods is None:
+        methods = registered_methods()
 
     for name in methods:
         method_class(name)  # an unknown name fails here, with the list of known ones
-    rows = []
-    for name in methods:
-        cmd = [sys.executable, "-m", "s4seg.engine.bench", "--method", name, "--batch", str(batch),
-               "--crop", str(crop), "--iters", str(iters), "--params-json", json.dumps(to_dict(params))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench of {name} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = [bench_in_subprocess(name, params, batch, crop, iters) for name in methods]
     base = next((r["sec_per_iter"] for r in rows if r["method"] == BASELINE), None)
     for r in rows:
         r[f"ratio_to_{BASELINE}"] = r["sec_per_iter"] / base if base else None

@@ -7,7 +7,7 @@ is reduced to 48 channels (1x1), concatenated with the upsampled ASPP output, fu
 to 256, and a 1x1 classifier (with bias) gives the logits. No dropout. Every interpolation is bilinear
 with align_corners=True. `channels` (256 in the paper; `model.decoder_channels`) sets the width of
 ASPP and decoder: the two 3x3 convs at stride 4 cost most of a step on CPU (at 192 px, batch 8:
-54 of 62 forward GFLOP on EfficientNet-Lite0), and 128 cuts them about 3.5x. Module names
+54 of 62 forward GFLOP on EfficientNet-Lite0), and 128 cuts them about 3.4x. Module names
 (`backbone`, `head`, `reduce`, `fuse`, `classifier`) follow UniMatch's model, so its parameter
 groups read the same.
 """

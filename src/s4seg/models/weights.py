@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from s4seg.errors import CheckpointError, ParamsError
+from s4seg.errors import CheckpointError, ParamsError, WeightsNotFoundError
 from s4seg.models.base import Segmenter
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 SHOWN_KEYS = 5  # how many offending keys an error message lists
 WRAPPER_KEYS = ("model", "state_dict")  # where checkpoints keep the model's state dict
 WRAPPER_PREFIXES = ("module.", "model.")  # DDP's wrapper; a Method's attribute holding the Segmenter
-
-
-class WeightsNotFoundError(CheckpointError, FileNotFoundError):
-    """`model.weights` names a file that does not exist. (Candidate for s4seg.errors.)"""
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -120,9 +120,10 @@ def _style(rng: np.random.Generator) -> _Style:
 
 def _value_noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     """Smooth noise of unit-ish amplitude and feature size `cell` pixels: a cubic upsampled grid."""
-    n = int(np.ceil(size / cell)) + 4
+    n = int(np.ceil(size / cell)) + 1
     grid = rng.standard_normal((n, n)).astype(np.float32)
-    field = ndimage.zoom(grid, cell, order=3, prefilter=False)
+    # Zoom so that n - 1 grid steps span the scene: no more pixels computed than ~size + one cell.
+    field = ndimage.zoom(grid, size / (n - 1), order=3, prefilter=False, mode="reflect")
     return field[:size, :size]
 
 
@@ -250,12 +251,12 @@ def _roads(cv: _Canvas, rng: np.random.Generator, style: _Style, size: int):
     # Traffic: cars along each lane.
     for y, w in rows:
         for lane in (-w / 4, w / 4):
-            n = rng.poisson(size / 140)
+            n = rng.poisson(size / 200)
             for x in rng.uniform(0, size, n):
                 _car(cv, rng, y + lane, x, along_x=True)
     for _, x, w, y0, y1 in spans:
         for lane in (-w / 4, w / 4):
-            for yy in rng.uniform(y0, y1, rng.poisson((y1 - y0) / 140)):
+            for yy in rng.uniform(y0, y1, rng.poisson((y1 - y0) / 200)):
                 _car(cv, rng, yy, x + lane, along_x=False)
     # Blocks: rectangles between consecutive road edges (scene borders count as edges).
     def intervals(lines: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -359,15 +360,15 @@ def _parking_rows(cv, rng, y0, y1, x0, x1, occupancy: float) -> None:
     """Rows of stalls with cars, aligned with the longer side of the area."""
     stall_line = np.array([0.85, 0.85, 0.82], dtype=np.float32)
     along_x = (x1 - x0) >= (y1 - y0)
-    # Cars stand across the row direction: a row is one car length deep, stalls 12 px wide.
+    # Cars stand across the row direction: a row is one car length deep, stalls 12 px wide, then an aisle.
     if along_x:
-        for ry in np.arange(y0 + 4, y1 - 24, 34):
+        for ry in np.arange(y0 + 4, y1 - 24, 44):
             for sx in np.arange(x0 + 2, x1 - 12, 12):
                 cv.paint(cv.box(ry, ry + 24, sx, sx + 1), IMPERVIOUS, stall_line, CONCRETE)
                 if rng.random() < occupancy:
                     _car(cv, rng, ry + 12, sx + 6.5, along_x=False)
     else:
-        for rx in np.arange(x0 + 4, x1 - 24, 34):
+        for rx in np.arange(x0 + 4, x1 - 24, 44):
             for sy in np.arange(y0 + 2, y1 - 12, 12):
                 cv.paint(cv.box(sy, sy + 1, rx, rx + 24), IMPERVIOUS, stall_line, CONCRETE)
                 if rng.random() < occupancy:
@@ -428,7 +429,7 @@ def _park(cv, rng, style, trees, block) -> None:
 def _car_park(cv, rng, style, trees, block) -> None:
     y0, y1, x0, x1 = block
     cv.paint(cv.box(y0 + 3, y1 - 3, x0 + 3, x1 - 3), IMPERVIOUS, style.asphalt * rng.uniform(0.95, 1.15), ASPHALT)
-    _parking_rows(cv, rng, y0 + 6, y1 - 6, x0 + 6, x1 - 6, rng.uniform(0.4, 0.95))
+    _parking_rows(cv, rng, y0 + 6, y1 - 6, x0 + 6, x1 - 6, rng.uniform(0.3, 0.85))
     for _ in range(rng.poisson(3)):
         trees.add(rng.uniform(y0, y1), rng.uniform(x0, x1), rng.uniform(5, 9), rng.uniform(5, 9))
 
@@ -535,7 +536,7 @@ def render_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarr
     rows, spans, blocks = _roads(cv, rng, style, size)
     kinds = ["houses", "commercial", "park", "car_park", "site"]
     u = style.urban
-    weights = np.array([0.55 - 0.3 * u, 0.1 + 0.35 * u, 0.18, 0.07 + 0.08 * u, 0.1 - 0.03 * u])
+    weights = np.array([0.55 - 0.3 * u, 0.1 + 0.35 * u, 0.18, 0.05 + 0.05 * u, 0.1 - 0.03 * u])
     soil_noise = _value_noise(rng, size, 20)
     for block in blocks:
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
