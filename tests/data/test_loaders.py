@@ -21,6 +21,7 @@ from s4seg.data.loaders import (
     sample_generator,
 )
 from s4seg.engine.method import Batch
+from s4seg.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 import engine_helpers as h  # noqa: E402
@@ -93,9 +94,9 @@ def test_labeled_only_and_supervised_schedules():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="no labeled tiles"):
+    with pytest.raises(DataError, match="no labeled tiles"):
         PairedSchedule([], [1, 2], 1, 0)
-    with pytest.raises(ValueError, match="no unlabeled tiles"):
+    with pytest.raises(DataError, match="no unlabeled tiles"):
         PairedSchedule([1], [], 1, 0)
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, Sampler
 from s4seg.data.augment import cutmix_box, strong_augment, weak_augment
 from s4seg.data.store import TileStore
 from s4seg.engine.method import Batch
+from s4seg.errors import DataError
 
 STREAM_LABELED, STREAM_UNLABELED, STREAM_PARTNER = 0, 1, 2
 
@@ -154,9 +155,10 @@ class PairedSchedule:
         self.labeled_ids = np.asarray(labeled_ids, dtype=np.int64)
         self.unlabeled_ids = np.asarray(unlabeled_ids, dtype=np.int64)
         if len(self.labeled_ids) == 0:
-            raise ValueError("the split has no labeled tiles")
+            raise DataError("the split has no labeled tiles; raise split.labeled or check split.parquet")
         if not labeled_only and len(self.unlabeled_ids) == 0:
-            raise ValueError("the split has no unlabeled tiles")
+            raise DataError("the split has no unlabeled tiles; semi-supervised training needs some "
+                            "(lower split.labeled below 1)")
         self.batch_size, self.seed = batch_size, seed
         self.labeled_only = labeled_only
         self.load_unlabeled = load_unlabeled and not labeled_only

@@ -256,7 +256,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         "labeled": split.labeled.tolist(), "unlabeled": split.unlabeled.tolist(), "store": len(store), **identity,
     })
     ckpt_path = checkpoint_dir / "last.pt"
-    state = load_training_state(ckpt_path, this_run, map_location=device)
+    # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state
+    state = load_training_state(ckpt_path, this_run, map_location="cpu")
     step = 0
     if state is not None:
         method.load_state_dict(state["method"])

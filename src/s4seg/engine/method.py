@@ -53,6 +53,11 @@ class Batch:
     y_u_mix: Tensor | None = None
     ids_u: Tensor | None = None  # (B,) tile ids of the unlabeled batch
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (DataLoader(pin_memory=True) calls this in its pinning thread)."""
+        return Batch(**{f.name: (v.pin_memory() if isinstance(v, Tensor) else v)
+                        for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
     def to(self, device: torch.device) -> Batch:
         return Batch(
             **{
