@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except S4segError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `s4seg inspect --summary | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        sys.exit(0)
 
 
 if __name__ == "__main__":
