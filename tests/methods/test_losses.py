@@ -249,3 +249,20 @@ def test_config_checks() -> None:
         check_common(0.95, "mirror")
     with pytest.raises(ParamsError, match=r"ema_gamma must be in \[0, 1\), found 1.0"):
         check_momentum(1.0)
+
+
+def test_bn_stats_frozen_normalises_with_batch_stats_but_keeps_running_stats() -> None:
+    from s4seg.methods.losses import bn_stats_frozen
+
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.1)).train()
+    x = torch.randn(4, 3, 5, 5) * 3 + 2
+    before = bn[0].running_mean.clone(), bn[0].running_var.clone()
+    with bn_stats_frozen(bn):
+        out = bn(x)
+    assert torch.equal(bn[0].running_mean, before[0]) and torch.equal(bn[0].running_var, before[1])
+    assert bn[0].momentum == 0.1  # restored
+    # batch statistics were used: each channel of the output has mean 0
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    with bn_stats_frozen(bn, frozen=False):
+        bn(x)
+    assert not torch.equal(bn[0].running_mean, before[0])

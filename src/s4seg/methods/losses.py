@@ -177,6 +177,24 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+@contextmanager
+def bn_stats_frozen(module: nn.Module, frozen: bool = True) -> Iterator[nn.Module]:
+    """Inside, BatchNorm layers still normalise with batch statistics but leave their running
+    statistics alone (momentum 0). For passes over perturbed features (channel dropout scales the
+    survivors by 2): their statistics are not those of the clean features seen at inference, and with a
+    BN decoder (DeepLabV3+) and small batches letting them in shifts the eval-time statistics.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield module
+    finally:
+        for m, momentum in zip(layers, saved, strict=True):
+            m.momentum = momentum
+
+
 def check_common(conf_thresh: float, cutmix_partner: str) -> None:
     """Validate the keys every weak-to-strong config has; `from_dict` prefixes the params section."""
     if not 0.0 <= conf_thresh <= 1.0:
