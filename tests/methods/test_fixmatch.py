@@ -7,85 +7,22 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from tiny import K, TinySegmenter, ema_update, fake_pseudo, make_batch, sgd_step  # tests/methods/tiny.py
+from torch import Tensor
 
-from s4seg.config import IGNORE_INDEX, load_params
-from s4seg.engine.method import Batch, PseudoLabels, build_method, method_config
+from s4seg.config import load_params
+from s4seg.engine.method import PseudoLabels, build_method, method_config
 from s4seg.errors import ParamsError
 from s4seg.methods import fixmatch
 from s4seg.methods.fixmatch import FixMatch, FixMatchConfig
 from s4seg.methods.losses import select_confident, unlabeled_ce
-from s4seg.models.base import Segmenter
 
 PARAMS_YAML = Path(__file__).resolve().parents[2] / "params.yaml"
-K = 3
-
-
-class TinySegmenter(Segmenter):
-    """c1 (conv + BN + ReLU, full resolution), c4 (strided conv) and a 1x1 classifier."""
-
-    def __init__(self, num_classes: int = K) -> None:
-        super().__init__(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        self.c1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
-        self.c4 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(10, num_classes, 1)
-
-    def encode(self, images: Tensor) -> list[Tensor]:
-        c1 = self.c1(self.normalize(images))
-        return [c1, self.c4(c1)]
-
-    def decode(self, feats: list[Tensor], size: tuple[int, int], return_embedding: bool = False) -> Any:
-        c1, c4 = feats
-        emb = torch.cat([c1, F.interpolate(c4, size=c1.shape[-2:], mode="nearest")], dim=1)
-        logits = F.interpolate(self.classifier(emb), size=size, mode="bilinear", align_corners=False)
-        return (logits, emb) if return_embedding else logits
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"backbone": [*self.c1.parameters(), *self.c4.parameters()], "head": [*self.classifier.parameters()]}
-
-
-def make_batch(b: int = 2, size: int = 12, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-
-    def image() -> Tensor:
-        return torch.rand(b, 3, size, size, generator=g)
-
-    y = torch.randint(0, K, (b, size, size), generator=g)
-    y[:, :, -2:] = IGNORE_INDEX
-    u_w, u_w_mix = image(), image()
-    box1 = torch.zeros(b, size, size, dtype=torch.bool)
-    box1[:, 2:7, 3:9] = True
-    box2 = torch.zeros(b, size, size, dtype=torch.bool)
-    box2[:, 6:11, 1:5] = True
-    valid_u = torch.ones(b, size, size, dtype=torch.bool)
-    valid_u[:, -3:] = False
-    valid_u_mix = torch.ones(b, size, size, dtype=torch.bool)
-    valid_u_mix[:, :, :2] = False
-    return Batch(
-        x=image(), y=y, u_w=u_w, u_s1=(u_w + 0.2 * image()).clamp(0, 1), u_s2=(u_w - 0.2 * image()).clamp(0, 1),
-        box1=box1, box2=box2, valid_u=valid_u, u_w_mix=u_w_mix, u_s1_mix=(u_w_mix * 0.8),
-        u_s2_mix=(u_w_mix * 0.6), valid_u_mix=valid_u_mix,
-        y_u=torch.randint(0, K, (b, size, size), generator=g),
-        y_u_mix=torch.randint(0, K, (b, size, size), generator=g),
-        ids_u=torch.arange(b),
-    )  # fmt: skip
 
 
 def make(**cfg: Any) -> FixMatch:
     torch.manual_seed(0)
     return FixMatch(FixMatchConfig(**cfg), TinySegmenter(), K)
-
-
-def fake_pseudo(value_of: dict[int, int]) -> Any:
-    """pseudo_labels stub: label = value_of[id(images)] everywhere, confidence 1, keep = valid."""
-
-    def pseudo_labels(images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
-        b, _, h, w = images.shape
-        v = torch.ones(b, h, w, dtype=torch.bool) if valid is None else valid
-        return PseudoLabels(torch.full((b, h, w), value_of[id(images)]), torch.ones(b, h, w), v.clone())
-
-    return pseudo_labels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,14 +158,8 @@ def test_smoke_a_few_sgd_steps_with_ema_update() -> None:
     for t in range(3):
         out = method.training_step(make_batch(seed=t), t)
         assert torch.isfinite(out.loss)
-        grads = torch.autograd.grad(out.loss, params)
-        with torch.no_grad():  # plain SGD by hand (torch.optim's first step costs seconds of imports)
-            for p, g in zip(params, grads, strict=True):
-                p.sub_(0.1 * g)
-        m = min(1 - 1 / (t + 1), method.ema_momentum())  # the engine's rule, Eq. (18)
-        with torch.no_grad():
-            for pt, ps in zip(method.ema_model.parameters(), method.model.parameters(), strict=True):
-                pt.mul_(m).add_(ps, alpha=1 - m)
+        sgd_step(out.loss, params)
+        ema_update(method, t)
     assert all(not torch.equal(a, p) for a, p in zip(before, method.model.parameters(), strict=True))
     assert any(not torch.equal(a, p) for a, p in zip(teacher_before, method.ema_model.parameters(), strict=True))
 

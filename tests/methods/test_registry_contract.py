@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from tiny import K, TinySegmenter, make_batch  # tests/methods/tiny.py
+from torch import Tensor
 
 import s4seg.methods
-from s4seg.config import IGNORE_INDEX, load_params
-from s4seg.engine.method import Batch, Method, build_method, registered_methods
-from s4seg.models.base import Segmenter
+from s4seg.config import load_params
+from s4seg.engine.method import Method, build_method, registered_methods
 
 # Import every module of the package, so the contract covers every method that exists, whether or not
 # `s4seg/methods/__init__.py` lists it yet.
@@ -31,59 +30,8 @@ for _module in pkgutil.iter_modules(s4seg.methods.__path__):
 
 PARAMS = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
 METHODS = registered_methods()
-K = 3
 B = 2
 SIZE = 16
-
-
-class TinySegmenter(Segmenter):
-    """c1 (conv + BN + ReLU, full resolution), c4 (strided conv) and a 1x1 classifier."""
-
-    def __init__(self, num_classes: int = K) -> None:
-        super().__init__(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        self.c1 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
-        self.c4 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(10, num_classes, 1)
-
-    def encode(self, images: Tensor) -> list[Tensor]:
-        c1 = self.c1(self.normalize(images))
-        return [c1, self.c4(c1)]
-
-    def decode(self, feats: list[Tensor], size: tuple[int, int], return_embedding: bool = False) -> Any:
-        c1, c4 = feats
-        emb = torch.cat([c1, F.interpolate(c4, size=c1.shape[-2:], mode="nearest")], dim=1)
-        logits = F.interpolate(self.classifier(emb), size=size, mode="bilinear", align_corners=False)
-        return (logits, emb) if return_embedding else logits
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"backbone": [*self.c1.parameters(), *self.c4.parameters()], "head": [*self.classifier.parameters()]}
-
-
-def make_batch(unlabeled: bool) -> Batch:
-    g = torch.Generator().manual_seed(0)
-
-    def image() -> Tensor:
-        return torch.rand(B, 3, SIZE, SIZE, generator=g)
-
-    def labels() -> Tensor:
-        return torch.randint(0, K, (B, SIZE, SIZE), generator=g)
-
-    y = labels()
-    y[:, :, -2:] = IGNORE_INDEX
-    if not unlabeled:
-        return Batch(x=image(), y=y)
-    box1 = torch.zeros(B, SIZE, SIZE, dtype=torch.bool)
-    box1[:, 2:8, 3:10] = True
-    box2 = torch.zeros(B, SIZE, SIZE, dtype=torch.bool)
-    box2[:, 8:14, 1:6] = True
-    valid = torch.ones(B, SIZE, SIZE, dtype=torch.bool)
-    valid[:, -3:] = False
-    u_w, u_w_mix = image(), image()
-    return Batch(
-        x=image(), y=y, u_w=u_w, u_s1=(u_w + 0.2 * image()).clamp(0, 1), u_s2=(u_w - 0.2 * image()).clamp(0, 1),
-        box1=box1, box2=box2, valid_u=valid, u_w_mix=u_w_mix, u_s1_mix=u_w_mix * 0.8, u_s2_mix=u_w_mix * 0.6,
-        valid_u_mix=valid.flip(-1), y_u=labels(), y_u_mix=labels(), ids_u=torch.arange(B),
-    )  # fmt: skip
 
 
 def build(name: str) -> Method:
@@ -118,7 +66,7 @@ def test_method_has_a_shipped_params_section(name: str) -> None:
 def test_one_cpu_training_step(name: str) -> None:
     method = build(name)
     method.train()
-    batch = make_batch(method.uses_unlabeled)
+    batch = make_batch(B, SIZE, unlabeled=method.uses_unlabeled)
     out = method.training_step(batch, 0)
 
     assert out.loss.dim() == 0 and out.loss.requires_grad and torch.isfinite(out.loss)
@@ -148,7 +96,7 @@ def test_one_cpu_training_step(name: str) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_pseudo_labels_and_predict_shapes(name: str) -> None:
     method = build(name)
-    batch = make_batch(unlabeled=True)
+    batch = make_batch(B, SIZE, unlabeled=True)
     check_pseudo_labels(method.pseudo_labels(batch.u_w, batch.valid_u), batch.valid_u)
     method.eval()
     logits = method.predict(batch.u_w)
@@ -158,7 +106,7 @@ def test_pseudo_labels_and_predict_shapes(name: str) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trips(name: str) -> None:
     method = build(name)
-    method.training_step(make_batch(method.uses_unlabeled), 0)  # BN running statistics move
+    method.training_step(make_batch(B, SIZE, unlabeled=method.uses_unlabeled), 0)  # BN running statistics move
     fresh = build(name)
     fresh.load_state_dict(method.state_dict())
     for (key, a), b in zip(method.state_dict().items(), fresh.state_dict().values(), strict=True):

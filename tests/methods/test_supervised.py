@@ -6,27 +6,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from tiny import K, TinySegmenter, make_batch  # tests/methods/tiny.py
 
 from s4seg.config import IGNORE_INDEX
-from s4seg.engine.method import Batch, build_method, method_config
+from s4seg.engine.method import build_method, method_config
 from s4seg.errors import ParamsError
 from s4seg.methods import registered_methods
 from s4seg.methods.supervised import Supervised, supervised_loss
-from s4seg.models.base import Segmenter
-
-
-class _Tiny(Segmenter):
-    def __init__(self) -> None:
-        super().__init__(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-        self.encoder = nn.Conv2d(3, 4, 1)
-        self.head = nn.Conv2d(4, 3, 1)
-
-    def forward(self, images):
-        return self.head(self.encoder(self.normalize(images)))
-
-    def param_groups(self):
-        return {"backbone": list(self.encoder.parameters()), "head": list(self.head.parameters())}
 
 
 def test_loss_equals_brute_force_masked_mean():
@@ -53,10 +39,10 @@ def test_all_ignored_gives_zero_not_nan():
 
 
 def test_training_step_reaches_every_model_param():
-    method = build_method("supervised", {}, _Tiny(), 3)
+    torch.manual_seed(0)
+    method = build_method("supervised", {}, TinySegmenter(), K)
     assert isinstance(method, Supervised) and not method.uses_unlabeled and "supervised" in registered_methods()
-    batch = Batch(x=torch.rand(2, 3, 6, 6), y=torch.randint(0, 3, (2, 6, 6)))
-    out = method.training_step(batch, step=0)
+    out = method.training_step(make_batch(unlabeled=False), step=0)
     assert torch.isfinite(out.loss) and out.logs["loss_x"] == out.loss.detach()
     assert out.pseudo is None
     out.loss.backward()
