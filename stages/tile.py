@@ -1,28 +1,28 @@
-"""Stage `tile`: scenes -> data/tiles.zarr + data/split.parquet (params: dataset, tiling, split)."""
+"""`tile` stage: scenes -> tiles.zarr + split.parquet (reads the dataset, tiling and split sections).
+
+    python stages/tile.py --params params.yaml --tiles data/tiles.zarr --split data/split.parquet
+
+Both outputs are written to temporary siblings and renamed on success, so bad input (reported as one
+`error: ...` line, exit status 2) leaves the previous outputs as they were.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
+from collections.abc import Sequence
 
+from s4seg.cli import run_stage
 from s4seg.data.tiling import tile_main
-from s4seg.errors import S4segError
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", required=True, help="params.yaml")
-    parser.add_argument("--tiles", required=True, help="output tile store (zarr directory)")
-    parser.add_argument("--split", required=True, help="output split table (parquet)")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tiles", required=True, help="output tile store (data/tiles.zarr)")
+    parser.add_argument("--split", required=True, help="output split table (data/split.parquet)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tile_main(args.params, args.tiles, args.split)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except S4segError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(main)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from s4seg.config import IGNORE_INDEX, DatasetConfig
 from s4seg.data.sources import SOURCES, build_source
+from s4seg.data.sources.base import ColorMap
 from s4seg.data.sources.folder import glob_regex
 from s4seg.data.sources.isprs import ISPRS_PALETTE
 from s4seg.errors import DataError, DatasetNotFoundError, ParamsError
@@ -36,7 +37,8 @@ def save_png(path: Path, array: np.ndarray, palette: np.ndarray | None = None) -
 
 def test_registry_lists_valid_names():
     assert {"synthetic", "folder", "isprs", "loveda"} <= set(SOURCES)
-    with pytest.raises(ParamsError, match="unknown dataset 'vaihingen'; choose one of: folder, isprs, loveda, synthetic"):
+    with pytest.raises(ParamsError,
+                       match="unknown dataset 'vaihingen'; choose one of: folder, isprs, loveda, synthetic"):
         build_source(DatasetConfig(name="vaihingen"))
 
 
@@ -150,6 +152,28 @@ def test_folder_unknown_colour_names_colour_and_file(tmp_path):
     source = build_source(folder_cfg(tmp_path, ignore_colors=("#000000",)))  # grey is now unknown
     with pytest.raises(DataError, match=r"Tile 1/masks/part_1.png: mask colour\(s\) #9B9B9B \(\d+ px\)"):
         list(source.scenes())
+
+
+def test_color_map_in_row_blocks_matches_brute_force(monkeypatch):
+    """Blocks of a few rows (as on a 6000 x 6000 ISPRS label) give the per-pixel lookup exactly."""
+    monkeypatch.setattr(ColorMap, "BLOCK_PIXELS", 25)  # 10-px-wide mask: blocks of 2 rows, the last one short
+    codes = RNG.integers(0, 5, (9, 10))
+    ids = ColorMap(PALETTE, ("#9B9B9B", "#000000"))(COLOURS[codes], "m.png")
+    np.testing.assert_array_equal(ids, np.where(codes < 3, codes, IGNORE_INDEX))
+    assert ids.dtype == np.uint8
+
+
+def test_color_map_names_the_most_frequent_unknown_colours():
+    rgb = np.zeros((6, 10, 3), np.uint8)
+    for i in range(7):  # colour #0000(i+1) on i+1 pixels
+        rgb.reshape(-1, 3)[i * 8 : i * 8 + i + 1] = (0, 0, i + 1)
+    with pytest.raises(DataError, match=r"^m.png: mask colour\(s\) #000007 \(7 px\), #000006 \(6 px\), "
+                       r"#000005 \(5 px\), #000004 \(4 px\), #000003 \(3 px\) and 2 more are neither"):
+        ColorMap(("#000000",))(rgb, "m.png")
+    with pytest.raises(ParamsError, match=r"x.palette: the same colour is given for two classes"):
+        ColorMap(("#00FF00", "#00ff00"), where="x")
+    with pytest.raises(ParamsError, match=r"x.ignore_colors\[0\]: colour #00FF00 is also a class colour"):
+        ColorMap(("#00FF00",), ("#00FF00",), where="x")
 
 
 def test_folder_size_mismatch_and_unreadable(tmp_path):

@@ -56,7 +56,9 @@ def test_tile_starts_end_at_the_border(length, tile, stride, expected):
     assert tile_starts(length, tile, stride).tolist() == expected
 
 
-@pytest.mark.parametrize(("h", "w", "tile", "stride"), [(70, 90, 32, 32), (70, 90, 32, 20), (20, 50, 32, 16), (9, 7, 32, 32)])
+@pytest.mark.parametrize(
+    ("h", "w", "tile", "stride"), [(70, 90, 32, 32), (70, 90, 32, 20), (20, 50, 32, 16), (9, 7, 32, 32)]
+)
 def test_tiles_equal_the_scene_at_their_offsets(h, w, tile, stride):
     """Brute force: each tile is scene[y:y+T, x:x+T], padded with image 0 / mask 255 where the scene ends."""
     scene = random_scene(np.random.default_rng(0), "s", h, w)
@@ -148,7 +150,8 @@ def _folder_dataset(root: Path, *, size_mismatch=False, unknown_colour=False, un
             if unknown_colour and tile == "B" and part == 2:
                 rgb[5, 7] = (18, 52, 86)
             h = 41 if size_mismatch and tile == "B" else 40
-            Image.fromarray(rng.integers(0, 256, (h, 48, 3), dtype=np.uint8)).save(root / tile / "images" / f"p{part}.png")
+            image = rng.integers(0, 256, (h, 48, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / tile / "images" / f"p{part}.png")
             Image.fromarray(rgb).save(root / tile / "masks" / f"p{part}.png")
     if unreadable:
         (root / "B" / "images" / "p1.png").write_bytes(b"not a png at all")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,9 @@ def test_stage_writes_both_outputs(first_run):
     assert split.table["id"].tolist() == list(range(27))
     # synthetic default test scene (3 scenes): the last one
     assert split.scenes("test") == ["scene_02"]
-    assert len(split.labeled) == round(0.25 * 18) and len(split.unlabeled) == 18 - len(split.labeled)
+    # 0.25 of the 18 training tiles = 4.5, rounded half up to 5
+    assert len(split.labeled) == 5 and len(split.unlabeled) == 13
+    assert set(split.table.loc[split.labeled, "scene"]) <= {"scene_00", "scene_01"}
     assert sorted(p.name for p in (out / "data").iterdir()) == ["split.parquet", "tiles.zarr"]
 
 
@@ -84,8 +87,6 @@ def test_bad_param_is_one_line_exit_2_and_keeps_previous_outputs(first_run, sect
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert errors == lines[-1:]
-    import re
-
     assert re.search(message, errors[0]), errors[0]
     # the previous outputs are untouched, and no temporary is left next to them
     assert sorted(p.name for p in (out / "data").iterdir()) == ["split.parquet", "tiles.zarr"]

@@ -134,39 +134,55 @@ def _pack(rgb: np.ndarray) -> np.ndarray:
 
 
 class ColorMap:
-    """Maps colour-coded masks (H, W, 3) to class ids; ignore colours map to IGNORE_INDEX."""
+    """Maps colour-coded masks (H, W, 3) to class ids; ignore colours map to IGNORE_INDEX.
+
+    A lookup table over all 2^24 colours (16 MiB) is applied a block of rows at a time, so the
+    temporaries stay small however large the scene (an ISPRS Potsdam label is 6000 x 6000).
+    """
+
+    MAX_CLASSES = IGNORE_INDEX - 1  # one id below IGNORE_INDEX is kept free to mark unknown colours
+    BLOCK_PIXELS = 1 << 21  # pixels per block of rows
 
     def __init__(self, palette: Sequence[str], ignore_colors: Sequence[str] = (), where: str = "dataset") -> None:
+        if len(palette) > self.MAX_CLASSES:
+            raise ParamsError(f"{where}.palette: {len(palette)} classes; at most {self.MAX_CLASSES} are supported")
         keys: dict[int, int] = {}
         for i, c in enumerate(palette):
             r, g, b = parse_color(c, f"{where}.palette[{i}]")
             keys[(r << 16) | (g << 8) | b] = i
+        if len(keys) < len(palette):
+            raise ParamsError(f"{where}.palette: the same colour is given for two classes: {list(palette)}")
         for i, c in enumerate(ignore_colors):
             r, g, b = parse_color(c, f"{where}.ignore_colors[{i}]")
             key = (r << 16) | (g << 8) | b
             if key in keys and keys[key] != IGNORE_INDEX:
                 raise ParamsError(f"{where}.ignore_colors[{i}]: colour {c} is also a class colour in the palette")
             keys[key] = IGNORE_INDEX
-        if len(keys) < len(palette):
-            raise ParamsError(f"{where}.palette: the same colour is given for two classes: {list(palette)}")
-        order = np.argsort(np.fromiter(keys, dtype=np.int64))
-        self._keys = np.fromiter(keys, dtype=np.int32)[order]
-        self._ids = np.fromiter(keys.values(), dtype=np.uint8)[order]
+        self._unknown = len(palette)  # no class has this id, and it is not IGNORE_INDEX
+        self._lut = np.full(1 << 24, self._unknown, dtype=np.uint8)
+        self._lut[np.fromiter(keys, dtype=np.int64)] = np.fromiter(keys.values(), dtype=np.uint8)
+        self._known = sorted(keys)
 
     def __call__(self, rgb: np.ndarray, path: Path | str) -> np.ndarray:
-        key = _pack(rgb)
-        pos = np.searchsorted(self._keys, key).clip(0, len(self._keys) - 1)
-        known = self._keys[pos] == key
-        if not known.all():
-            unknown, counts = np.unique(key[~known], return_counts=True)
-            shown = ", ".join(f"{color_hex(((k >> 16) & 255, (k >> 8) & 255, k & 255))} ({n} px)"
-                              for k, n in zip(unknown[:5], counts[:5], strict=True))
+        ids = np.empty(rgb.shape[:2], dtype=np.uint8)
+        rows = max(1, self.BLOCK_PIXELS // max(1, rgb.shape[1]))
+        for y in range(0, rgb.shape[0], rows):
+            ids[y : y + rows] = self._lut[_pack(rgb[y : y + rows])]
+        unknown = ids == self._unknown
+        if unknown.any():
+            colours, counts = np.unique(_pack(rgb[unknown]), return_counts=True)
+            order = np.argsort(-counts, kind="stable")[:5]  # the most frequent first
+            shown = ", ".join(f"{_hex_key(colours[j])} ({counts[j]} px)" for j in order)
+            more = f" and {len(colours) - 5} more" if len(colours) > 5 else ""
             raise DataError(
-                f"{path}: mask colour(s) {shown} are neither in the palette nor in the ignore colours "
-                f"{[color_hex(((k >> 16) & 255, (k >> 8) & 255, k & 255)) for k in self._keys]}; "
-                "add them to dataset.palette or dataset.ignore_colors"
+                f"{path}: mask colour(s) {shown}{more} are neither in the palette nor in the ignore colours "
+                f"{[_hex_key(k) for k in self._known]}; add them to dataset.palette or dataset.ignore_colors"
             )
-        return self._ids[pos]
+        return ids
+
+
+def _hex_key(key: int) -> str:
+    return color_hex(((int(key) >> 16) & 255, (int(key) >> 8) & 255, int(key) & 255))
 
 
 # --------------------------------------------------------------------------------------------------
