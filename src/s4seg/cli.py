@@ -3,7 +3,7 @@
     s4seg tile      [--params params.yaml] [--tiles data/tiles.zarr] [--split data/split.parquet]
     s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
     s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C]
-    s4seg preset    NAME          prints `-S key=value` arguments for `dvc exp run`
+    s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them
     s4seg methods                 lists the registered methods
 
 An `S4segError` is printed as one line (`error: ...`) and exits with status 2; any other exception keeps
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,8 +45,28 @@ def run_stage(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] |
         sys.exit(2)
 
 
+def hydra_value(value: Any) -> str:
+    """A YAML value in Hydra's override grammar, which `dvc exp run -S` parses: every string quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    raise ParamsError(f"preset value {value!r}: expected a string, number, boolean, null, list or mapping")
+
+
 def preset_args(name: str) -> list[str]:
-    """`-S key=value` pairs of a preset file (flattened dotted keys) for `dvc exp run`."""
+    """`-S ++key=value` pairs of a preset file (flattened dotted keys) for `dvc exp run`.
+
+    `++` adds a key that params.yaml lacks and overrides one it has.
+    """
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
@@ -54,8 +75,7 @@ def preset_args(name: str) -> list[str]:
     def flatten(prefix: str, value: Any) -> list[str]:
         if isinstance(value, dict):
             return [a for k, v in value.items() for a in flatten(f"{prefix}.{k}" if prefix else k, v)]
-        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        return ["-S", f"{prefix}={text}"]
+        return ["-S", f"++{prefix}={hydra_value(value)}"]
 
     return flatten("", yaml.safe_load(path.read_text()) or {})
 
@@ -97,7 +117,15 @@ def _cmd_methods(args: argparse.Namespace) -> None:
 
 
 def _cmd_preset(args: argparse.Namespace) -> None:
-    print(" ".join(f"'{a}'" if " " in a else a for a in preset_args(args.name)))
+    overrides = preset_args(args.name)
+    if not args.run:
+        print(shlex.join(overrides))
+        return
+    import subprocess
+
+    cmd = ["dvc", "exp", "run", *overrides, *args.dvc_args]
+    print(shlex.join(cmd), file=sys.stderr)
+    sys.exit(subprocess.call(cmd))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/bench/train.json")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("preset", help="print `-S` arguments of a preset for `dvc exp run`")
-    p.add_argument("name", help="e.g. paper")
+    p = sub.add_parser("preset", help="print (or --run) the `dvc exp run -S` overrides of a preset")
+    p.add_argument("name", help="e.g. paper, dubai")
+    p.add_argument("--run", action="store_true", help="run `dvc exp run` with them")
+    p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="more `dvc exp run` arguments (after --run)")
     p.set_defaults(func=_cmd_preset)
 
     p = sub.add_parser("methods", help="list registered methods")

