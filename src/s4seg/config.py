@@ -147,6 +147,7 @@ class TrainConfig:
     log_every: int = 10
     snapshot_every: int = 0  # iterations between pseudo-label snapshots (0 = off)
     snapshot_tiles: int = 4
+    precise_bn: str = "all"  # BN statistics of the final networks over training tiles: all | labeled | off
 
 
 @dataclass(frozen=True)

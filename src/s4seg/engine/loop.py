@@ -42,13 +42,15 @@ from s4seg.engine.checkpoint import (
 from s4seg.engine.ema import ema_update
 from s4seg.engine.method import Batch, Method, StepOutput
 from s4seg.engine.optim import build_optimizer, poly_lr, set_lr
+from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
 from s4seg.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-# TrainConfig keys that change how a run is observed, not what it computes: left out of the resume hash.
-_PRESENTATION_KEYS = ("num_workers", "checkpoint_every", "log_every", "snapshot_every", "snapshot_tiles")
+# TrainConfig keys that do not change the training trajectory (how it is observed, or the post-training
+# PreciseBN pass): left out of the resume hash, so changing them re-uses the last checkpoint.
+_PRESENTATION_KEYS = ("num_workers", "checkpoint_every", "log_every", "snapshot_every", "snapshot_tiles", "precise_bn")
 _BAR_REFRESH_STEPS = 5  # the bar's loss needs .item(), a device sync
 
 
@@ -79,6 +81,9 @@ def validate(cfg: TrainConfig, where: str) -> None:
     for key, ok in checks.items():
         if not ok:
             raise ParamsError(f"params.yaml: {where}.{key} = {getattr(cfg, key)!r} is out of range")
+    if cfg.precise_bn not in PRECISE_BN_CHOICES:
+        raise ParamsError(f"params.yaml: {where}.precise_bn = {cfg.precise_bn!r}; expected one of "
+                          f"{', '.join(PRECISE_BN_CHOICES)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -346,6 +351,11 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
 
     # Final artifact: the model of the last step (never a "best" epoch picked on test data) ----------
     distributed.average_buffers(method, ctx.world_size)
+    # every rank runs the same tiles in the same order, so the networks stay identical across ranks
+    bn_tiles = precise_bn_tiles(split, cfg.precise_bn)
+    recomputed = recompute_bn_stats(method.networks(), store, bn_tiles, batch_size=cfg.batch_size * 2, device=device)
+    if recomputed and ctx.is_main:
+        log.info("PreciseBN: BN statistics recomputed over %d training tiles (%s)", len(bn_tiles), cfg.precise_bn)
     if ctx.is_main:
         artifact = model_artifact(method, model_cfg=model_cfg, classes=store.classes, palette=store.palette,
                                   step=step, train_cfg=cfg)

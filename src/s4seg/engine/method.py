@@ -125,6 +125,12 @@ class Method(nn.Module):
         """An EMA teacher the engine must update after each optimiser step, or None."""
         return None
 
+    def networks(self) -> list[nn.Module]:
+        """Every image-to-logits network the method keeps (student, teacher; a twin-network method adds
+        its twin): the engine recomputes their BN statistics after training (s4seg.engine.precise_bn)."""
+        teacher = self.teacher()
+        return [self.model] + ([teacher] if teacher is not None else [])
+
     def ema_momentum(self) -> float:
         """Upper bound gamma of the EMA momentum min(1 - 1/(t+1), gamma)."""
         return 0.996

@@ -1,0 +1,100 @@
+"""PreciseBN after training: BN statistics become the plain mean over the chosen training tiles."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from s4seg.config import ModelConfig
+from s4seg.engine.loop import fit
+from s4seg.engine.precise_bn import precise_bn_tiles, recompute_bn_stats
+from s4seg.errors import ParamsError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import engine_helpers as h  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return h.make_store(tmp_path_factory.mktemp("tiles") / "tiles.zarr")
+
+
+def _images(store, ids) -> torch.Tensor:
+    return torch.from_numpy(np.stack([store.image(i) for i in ids])).permute(0, 3, 1, 2).double() / 255.0
+
+
+def test_tile_choice():
+    split = h.make_split(num_labeled=3, num_unlabeled=7, num_test=2)
+    assert precise_bn_tiles(split, "labeled") == [0, 1, 2]
+    assert precise_bn_tiles(split, "all") == list(range(10))  # never a test tile
+    assert precise_bn_tiles(split, "off") == []
+    with pytest.raises(ParamsError, match="precise_bn"):
+        precise_bn_tiles(split, "test")
+
+
+def test_statistics_are_the_mean_over_batches(store):
+    """A bare BN on the images: mean = mean of per-batch channel means, var = mean of unbiased batch vars."""
+    net = nn.Sequential(nn.BatchNorm2d(3))
+    net[0].running_mean.fill_(7.0)
+    net.eval()
+    ids = [0, 1, 2, 3, 4]
+    assert recompute_bn_stats([net], store, ids, batch_size=2, device=torch.device("cpu")) == 1
+    batches = [_images(store, ids[i:i + 2]) for i in range(0, 5, 2)]
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(net[0].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[0].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert not net.training  # mode restored
+    assert net[0].momentum == 0.1  # momentum restored
+
+
+def test_no_batchnorm_or_no_tiles_is_a_no_op(store):
+    conv = nn.Conv2d(3, 3, 1)
+    before = conv.weight.clone()
+    assert recompute_bn_stats([conv], store, [0, 1], batch_size=2, device=torch.device("cpu")) == 0
+    assert torch.equal(conv.weight, before)
+    bn = nn.BatchNorm2d(3)
+    assert recompute_bn_stats([bn], store, [], batch_size=2, device=torch.device("cpu")) == 0
+    assert torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def _fit(store, out: Path, precise_bn: str, result: dict | None = None):
+    done = fit(h.build("toy"), store, h.make_split(), h.tiny_train_config(iterations=4, precise_bn=precise_bn),
+        model_cfg=ModelConfig(weights=None), seed=0, out_path=out / "model.pt", log_path=out / "log.csv",
+        checkpoint_dir=out / "ckpt")
+    if result is not None:
+        result.update(done)
+    return torch.load(out / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_fit_recomputes_student_and_teacher_buffers_only(store, tmp_path):
+    off = _fit(store, tmp_path / "off", "off")
+    on = _fit(store, tmp_path / "all", "all")
+    labeled = _fit(store, tmp_path / "labeled", "labeled")
+    bn_stats = [k for k in off if k.endswith(("running_mean", "running_var"))]
+    assert {k.split(".")[0] for k in bn_stats} == {"model", "ema"}  # student and teacher
+    for k, v in off.items():
+        if k in bn_stats:
+            assert not torch.allclose(v, on[k]) and not torch.allclose(on[k], labeled[k]), k
+        elif not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, on[k]), f"{k}: PreciseBN must not touch weights"
+    # the buffers are exactly those of a recompute over all training tiles from the "off" weights
+    net = h.TinySegmenter(len(h.CLASSES))
+    net.load_state_dict({k[len("model."):]: v for k, v in off.items() if k.startswith("model.")})
+    recompute_bn_stats([net], store, list(range(10)), batch_size=4, device=torch.device("cpu"))
+    torch.testing.assert_close(net.encoder[1].running_mean, on["model.encoder.1.running_mean"])
+    torch.testing.assert_close(net.encoder[1].running_var, on["model.encoder.1.running_var"])
+
+
+def test_changing_precise_bn_reuses_the_finished_run(store, tmp_path):
+    """precise_bn is not part of the run's identity: a re-run resumes at the last step."""
+    off = _fit(store, tmp_path, "off")
+    result: dict = {}
+    on = _fit(store, tmp_path, "all", result)
+    assert result["resumed_from"] == 4  # no step was trained again
+    assert not torch.equal(off["model.encoder.1.running_mean"], on["model.encoder.1.running_mean"])
