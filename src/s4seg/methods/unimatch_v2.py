@@ -27,6 +27,8 @@ Choices where paper and code differ, or the paper is silent:
   inference; measured on the synthetic default, 1/8 labels, 126 iterations: teacher 38.7 mIoU, 49.2 after
   recomputing BN statistics on clean tiles. Default false: that decode normalises with its batch
   statistics but leaves the running ones alone; true = updating them, as the code would with BN.
+  The teacher's BN buffers are blended like its weights (as the code does for buffers); the engine's
+  PreciseBN (`train.precise_bn`) re-estimates them, and the student's, for the final artifact.
 """
 
 from __future__ import annotations
