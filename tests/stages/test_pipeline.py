@@ -50,6 +50,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(REPO / "stages", work / "stages")
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(REPO / "data" / "raw", work / "data" / "raw")
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], work)
@@ -73,7 +74,6 @@ def test_repro_builds_every_artifact(pipeline: Path) -> None:
     assert list((pipeline / "reports/figures").glob("*.png"))
 
 
-@pytest.mark.slow
 def _changed_stages(pipeline: Path) -> set[str]:
     out = _run([str(BIN / "dvc"), "status"], pipeline)
     return {line.rstrip().rstrip(":") for line in out.splitlines()
@@ -86,6 +86,18 @@ def _set_param(pipeline: Path, section: str, key: str, value: object) -> None:
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow
+def test_raw_data_folder_is_a_dependency_of_tile(pipeline: Path) -> None:
+    extra = pipeline / "data" / "raw" / "new_scene.txt"
+    extra.write_text("a new raw file")
+    try:
+        assert "tile" in _changed_stages(pipeline)
+    finally:
+        extra.unlink()
+    assert "tile" not in _changed_stages(pipeline)
+
+
+@pytest.mark.slow
 def test_second_repro_changes_nothing_and_eval_param_reruns_only_tail(pipeline: Path) -> None:
     out = _run([str(BIN / "dvc"), "status"], pipeline)
     assert "up to date" in out, out
