@@ -150,11 +150,12 @@ def test_gradient_accumulation_counts_steps(store, tmp_path):
 
 class _RecordingWriter:
     def __init__(self):
-        self.steps, self.shapes = [], []
+        self.steps, self.shapes, self.labels = [], [], []
 
     def add(self, step, pseudo):
         self.steps.append(step)
         self.shapes.append(tuple(pseudo.label.shape))
+        self.labels.append((pseudo.label.clone(), pseudo.conf.clone(), pseudo.keep.clone()))
 
 
 def test_snapshots_do_not_change_training(store, tmp_path):
@@ -166,6 +167,32 @@ def test_snapshots_do_not_change_training(store, tmp_path):
          snapshots=snaps)
     assert writer.steps == [0, 2, 4] and writer.shapes == [(2, 16, 16)] * 3
     assert _same(_weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "snap" / "model.pt"))
+
+
+def test_snapshots_survive_a_crash(store, tmp_path):
+    """Snapshots taken before the last checkpoint come back on resume; later ones are taken again."""
+    cfg = h.tiny_train_config(iterations=6, snapshot_every=1, checkpoint_every=3)
+    full = _RecordingWriter()
+    _fit(h.build("toy"), store, tmp_path / "full", cfg, snapshots=PseudoLabelSnapshots(full, store, [3, 4]))
+
+    method = h.build("toy")
+    original = method.training_step
+
+    def crash_at_4(batch, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(batch, step)
+
+    method.training_step = crash_at_4
+    with pytest.raises(KeyboardInterrupt):
+        _fit(method, store, tmp_path / "crash", cfg, snapshots=PseudoLabelSnapshots(_RecordingWriter(), store, [3, 4]))
+    resumed = _RecordingWriter()  # a new store, as after a SIGKILL (the old one was never published)
+    result = _fit(h.build("toy"), store, tmp_path / "crash", cfg,
+                  snapshots=PseudoLabelSnapshots(resumed, store, [3, 4]))
+    assert result["resumed_from"] == 3
+    assert resumed.steps == full.steps == list(range(7))
+    for a, b in zip(resumed.labels, full.labels, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def _run_helper(tmp: Path, store: Path, *extra: str) -> subprocess.Popen:

@@ -40,7 +40,7 @@ from s4seg.engine.checkpoint import (
     save_torch_atomic,
 )
 from s4seg.engine.ema import ema_update
-from s4seg.engine.method import Batch, Method, StepOutput
+from s4seg.engine.method import Batch, Method, PseudoLabels, StepOutput
 from s4seg.engine.optim import build_optimizer, poly_lr, set_lr
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
@@ -172,6 +172,8 @@ class PseudoLabelSnapshots:
 
     `writer` has `.add(step, PseudoLabels)` (s4seg.evaluation.snapshots.SnapshotWriter). Snapshots run
     in eval mode without touching the RNG streams, so taking them does not change the training run.
+    The snapshots taken so far travel in the resume checkpoint (compact: uint8 label, float16 conf), so
+    a run resumed after a crash writes the same snapshots as an uninterrupted one.
     """
 
     def __init__(self, writer: Any, store: TileStore, tile_ids: list[int]) -> None:
@@ -179,6 +181,7 @@ class PseudoLabelSnapshots:
         self.tile_ids = [int(i) for i in tile_ids]
         images = np.stack([store.image(i) for i in self.tile_ids]) if self.tile_ids else None
         self.images = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        self.taken: list[tuple[int, PseudoLabels]] = []
 
     def take(self, step: int, method: Method, device: torch.device) -> None:
         if self.images is None:
@@ -190,7 +193,22 @@ class PseudoLabelSnapshots:
             pseudo = method.pseudo_labels(self.images.to(device))
         method.train(was_training)
         restore_rng(rng)
+        regions = None if pseudo.regions is None else pseudo.regions.cpu()
+        self._add(step, PseudoLabels(label=pseudo.label.to("cpu", torch.uint8), keep=pseudo.keep.cpu(),
+                                     conf=pseudo.conf.to("cpu", torch.float16), regions=regions))
+
+    def _add(self, step: int, pseudo: PseudoLabels) -> None:
+        self.taken.append((step, pseudo))
         self.writer.add(step, pseudo)
+
+    def state(self) -> list[tuple[int, PseudoLabels]]:
+        return list(self.taken)
+
+    def restore(self, taken: list[tuple[int, PseudoLabels]], up_to_step: int) -> None:
+        """Re-write the snapshots a checkpoint carried (those of steps <= the checkpoint's)."""
+        for step, pseudo in taken:
+            if step <= up_to_step:
+                self._add(step, pseudo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,6 +288,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"][ctx.rank])
         step = int(state["step"])
+        if snapshots is not None and ctx.is_main:
+            snapshots.restore(state.get("snapshots") or [], step)
         if ctx.is_main:
             log.info("resumed from %s at step %d of %d", ckpt_path, step, steps)
     resumed_from = step if state is not None else None
@@ -293,6 +313,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                 "format": CHECKPOINT_FORMAT, "run_hash": this_run, "step": step, "total_steps": steps,
                 "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": all_rng,
+                "snapshots": snapshots.state() if snapshots is not None else [],
             }, ckpt_path)
 
     # Loop ------------------------------------------------------------------------------------------
