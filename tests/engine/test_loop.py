@@ -98,21 +98,25 @@ def test_pseudo_accuracy_against_hidden_truth(store, tmp_path):
     assert float(row["pseudo_kept_acc"]) == 1.0
 
 
+def _crashing(method, at_step: int):
+    """`method`, with a training step that raises KeyboardInterrupt at step index `at_step`."""
+    original = method.training_step
+
+    def step_or_crash(batch, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return original(batch, step)
+
+    method.training_step = step_or_crash
+    return method
+
+
 def test_resume_after_crash_gives_identical_weights(store, tmp_path):
     cfg = h.tiny_train_config(iterations=7, checkpoint_every=2, log_every=1)
     _fit(h.build("toy"), store, tmp_path / "full", cfg)
 
-    method = h.build("toy")
-    original = method.training_step
-
-    def crash_at_5(batch, step):
-        if step == 5:
-            raise KeyboardInterrupt
-        return original(batch, step)
-
-    method.training_step = crash_at_5
     with pytest.raises(KeyboardInterrupt):
-        _fit(method, store, tmp_path / "crash", cfg)
+        _fit(_crashing(h.build("toy"), at_step=5), store, tmp_path / "crash", cfg)
     assert not (tmp_path / "crash" / "model.pt").exists()
     result = _fit(h.build("toy"), store, tmp_path / "crash", cfg)
     assert result["resumed_from"] == 4  # last checkpoint before the crash (every 2 steps)
@@ -175,17 +179,9 @@ def test_snapshots_survive_a_crash(store, tmp_path):
     full = _RecordingWriter()
     _fit(h.build("toy"), store, tmp_path / "full", cfg, snapshots=PseudoLabelSnapshots(full, store, [3, 4]))
 
-    method = h.build("toy")
-    original = method.training_step
-
-    def crash_at_4(batch, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return original(batch, step)
-
-    method.training_step = crash_at_4
     with pytest.raises(KeyboardInterrupt):
-        _fit(method, store, tmp_path / "crash", cfg, snapshots=PseudoLabelSnapshots(_RecordingWriter(), store, [3, 4]))
+        _fit(_crashing(h.build("toy"), at_step=4), store, tmp_path / "crash", cfg,
+             snapshots=PseudoLabelSnapshots(_RecordingWriter(), store, [3, 4]))
     resumed = _RecordingWriter()  # a new store, as after a SIGKILL (the old one was never published)
     result = _fit(h.build("toy"), store, tmp_path / "crash", cfg,
                   snapshots=PseudoLabelSnapshots(resumed, store, [3, 4]))
