@@ -14,7 +14,7 @@ plain mean over those batches (`torch.optim.swa_utils.update_bn`). Which tiles (
 `all` = labeled and unlabeled images of the split (no labels are read; the default, and the same
 images for every method, so the supervised baseline gets the same statistics as the others),
 `labeled` = the labeled tiles only, `off` = keep the running statistics of training.
-Measured on the synthetic default (1/8 labels, seed 0) in the closing note of issue 4; the papers'
+Measured effect on the synthetic default: README "Measured on the embedded default". The papers'
 models either have no BN (UniMatch V2's DPT) or train with SyncBN over 4 GPUs.
 The weights are untouched and no RNG is drawn (the networks here have no dropout), so the training
 run and its checkpoints do not change; only the final artifact's buffers do.
