@@ -12,7 +12,7 @@ from torch import nn
 
 from s4seg.config import ModelConfig
 from s4seg.engine.loop import fit
-from s4seg.engine.precise_bn import precise_bn_tiles, recompute_bn_stats
+from s4seg.engine.precise_bn import batch_bounds, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,13 +44,29 @@ def test_statistics_are_the_mean_over_batches(store):
     net.eval()
     ids = [0, 1, 2, 3, 4]
     assert recompute_bn_stats([net], store, ids, batch_size=2, device=torch.device("cpu")) == 1
-    batches = [_images(store, ids[i:i + 2]) for i in range(0, 5, 2)]
+    batches = [_images(store, ids[:2]), _images(store, ids[2:])]  # a last batch of one joins the previous
     mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
     var = torch.stack([b.transpose(0, 1).reshape(3, -1).var(dim=1, unbiased=True) for b in batches]).mean(0)
     torch.testing.assert_close(net[0].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net[0].running_var.double(), var, rtol=1e-5, atol=1e-6)
     assert not net.training  # mode restored
     assert net[0].momentum == 0.1  # momentum restored
+
+
+def test_batch_bounds_never_leave_a_batch_of_one():
+    assert batch_bounds(5, 2) == [(0, 2), (2, 5)]
+    assert batch_bounds(6, 2) == [(0, 2), (2, 4), (4, 6)]
+    assert batch_bounds(9, 8) == [(0, 9)]
+    assert batch_bounds(1, 8) == [(0, 1)]
+
+
+def test_bn_after_global_pooling(store):
+    """DeepLabV3+'s ASPP image branch: BN on a 1 x 1 map, here with 3 tiles in batches of 2."""
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(3))
+    assert recompute_bn_stats([net], store, [0, 1, 2], batch_size=2, device=torch.device("cpu")) == 1
+    pooled = _images(store, [0, 1, 2]).mean(dim=(2, 3))
+    torch.testing.assert_close(net[1].running_mean.double(), pooled.mean(0), rtol=1e-5, atol=1e-6)
+    assert recompute_bn_stats([net], store, [0], batch_size=2, device=torch.device("cpu")) == 0  # skipped
 
 
 def test_no_batchnorm_or_no_tiles_is_a_no_op(store):

@@ -22,6 +22,7 @@ run and its checkpoints do not change; only the final artifact's buffers do.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ from torch.optim.swa_utils import update_bn
 from s4seg.data.split import Split
 from s4seg.data.store import TileStore
 from s4seg.errors import ParamsError
+
+log = logging.getLogger(__name__)
 
 PRECISE_BN_CHOICES = ("all", "labeled", "off")
 
@@ -46,10 +49,19 @@ def precise_bn_tiles(split: Split, which: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive batches; a last batch of one joins the one before it, because BN
+    after global pooling (DeepLabV3+'s ASPP image branch) cannot take a batch of one in train mode."""
+    bounds = [(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], count)]
+    return bounds
+
+
 def _image_batches(store: TileStore, tile_ids: Sequence[int], batch_size: int,
                    device: torch.device) -> Iterator[Tensor]:
-    for start in range(0, len(tile_ids), batch_size):
-        images = np.stack([store.image(i) for i in tile_ids[start:start + batch_size]])
+    for start, stop in batch_bounds(len(tile_ids), batch_size):
+        images = np.stack([store.image(i) for i in tile_ids[start:stop]])
         yield torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -62,11 +74,16 @@ def recompute_bn_stats(nets: Sequence[nn.Module], store: TileStore, tile_ids: Se
                        batch_size: int, device: torch.device) -> int:
     """Replace the BN running statistics of each of `nets` by their mean over `tile_ids`' images.
 
-    Returns how many networks had BN layers. Each net keeps its train/eval mode.
+    Returns how many networks were recomputed. Each net keeps its train/eval mode. With fewer than
+    two tiles nothing is recomputed (a batch of one has no variance after global pooling).
     """
+    if len(tile_ids) < 2:
+        if tile_ids:
+            log.warning("PreciseBN skipped: one training tile is not enough to estimate BN statistics")
+        return 0
     done = 0
     for net in nets:
-        if not tile_ids or not has_batchnorm(net):
+        if not has_batchnorm(net):
             continue
         update_bn(_image_batches(store, tile_ids, batch_size, device), net, device=None)
         done += 1
