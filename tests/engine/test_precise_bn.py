@@ -14,6 +14,7 @@ from s4seg.config import ModelConfig
 from s4seg.engine.loop import fit
 from s4seg.engine.precise_bn import batch_bounds, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
+from s4seg.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_helpers as h  # noqa: E402
@@ -67,6 +68,26 @@ def test_bn_after_global_pooling(store):
     pooled = _images(store, [0, 1, 2]).mean(dim=(2, 3))
     torch.testing.assert_close(net[1].running_mean.double(), pooled.mean(0), rtol=1e-5, atol=1e-6)
     assert recompute_bn_stats([net], store, [0], batch_size=2, device=torch.device("cpu")) == 0  # skipped
+
+
+def test_frozen_encoder_keeps_its_statistics(tmp_path):
+    """A frozen encoder's BN stays in eval mode while training: PreciseBN leaves it, redoes the decoder."""
+    store = h.make_store(tmp_path / "tiles.zarr", num_tiles=4, tile=32)
+    model = build_model(ModelConfig(encoder="resnet18", weights=None, freeze_encoder=True), 3)
+    for m in model.modules():  # distinctive statistics to detect a reset
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(0.3)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert recompute_bn_stats([model], store, [0, 1, 2, 3], batch_size=2, device=torch.device("cpu")) == 1
+    after = model.state_dict()
+    stats = [k for k in before if k.endswith("running_mean")]
+    encoder = [k for k in stats if k.startswith("backbone.")]
+    decoder = [k for k in stats if not k.startswith("backbone.")]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert all(not torch.equal(before[k], after[k]) for k in decoder)
+    assert not model.training and not model.backbone.training
 
 
 def test_no_batchnorm_or_no_tiles_is_a_no_op(store):

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import update_bn
 
 from s4seg.data.split import Split
 from s4seg.data.store import TileStore
@@ -65,10 +64,6 @@ def _image_batches(store: TileStore, tile_ids: Sequence[int], batch_size: int,
         yield torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
-def has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in net.modules())
-
-
 @torch.no_grad()
 def recompute_bn_stats(nets: Sequence[nn.Module], store: TileStore, tile_ids: Sequence[int], *,
                        batch_size: int, device: torch.device) -> int:
@@ -83,8 +78,18 @@ def recompute_bn_stats(nets: Sequence[nn.Module], store: TileStore, tile_ids: Se
         return 0
     done = 0
     for net in nets:
-        if not has_batchnorm(net):
-            continue
-        update_bn(_image_batches(store, tile_ids, batch_size, device), net, device=None)
-        done += 1
+        was_training = net.training
+        net.train()  # a model may keep parts in eval mode here (frozen encoder): those are left alone
+        trained = [m for m in net.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
+        momenta = {m: m.momentum for m in trained}
+        for m in trained:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: the plain mean over batches
+        for images in _image_batches(store, tile_ids, batch_size, device) if trained else ():
+            net(images)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        net.train(was_training)
+        done += bool(trained)
     return done
