@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from s4seg.config import ModelConfig
-from s4seg.engine.loop import fit
+from s4seg.engine.loop import fit, validate
 from s4seg.engine.precise_bn import batch_bounds, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
 from s4seg.models import build_model
@@ -34,8 +34,8 @@ def test_tile_choice():
     assert precise_bn_tiles(split, "labeled") == [0, 1, 2]
     assert precise_bn_tiles(split, "all") == list(range(10))  # never a test tile
     assert precise_bn_tiles(split, "off") == []
-    with pytest.raises(ParamsError, match="precise_bn"):
-        precise_bn_tiles(split, "test")
+    with pytest.raises(ParamsError, match=r"train\.precise_bn = 'test'"):
+        validate(h.tiny_train_config(precise_bn="test"), "train")
 
 
 def test_statistics_are_the_mean_over_batches(store):

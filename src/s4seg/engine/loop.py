@@ -44,6 +44,7 @@ from s4seg.engine.method import Batch, Method, PseudoLabels, StepOutput
 from s4seg.engine.optim import build_optimizer, poly_lr, set_lr
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
+from s4seg.evaluation.sliding import to_input
 from s4seg.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class PseudoLabelSnapshots:
         self.writer = writer
         self.tile_ids = [int(i) for i in tile_ids]
         images = np.stack([store.image(i) for i in self.tile_ids]) if self.tile_ids else None
-        self.images = None if images is None else torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        self.images = None if images is None else to_input(images)
         self.taken: list[tuple[int, PseudoLabels]] = []
 
     def take(self, step: int, method: Method, device: torch.device) -> None:

@@ -10,7 +10,9 @@ Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021, §3: PreciseBN) and SWA (
 
 Here: after the last step, every network the method keeps (student, EMA teacher, twins) is run in
 train mode, without gradients, over the un-augmented training tiles, and its BN buffers become the
-plain mean over those batches (`torch.optim.swa_utils.update_bn`). Which tiles (`train.precise_bn`):
+plain mean over those batches, as SWA's `torch.optim.swa_utils.update_bn` computes it, except that BN
+layers a model keeps in eval mode while training (a frozen encoder's) keep their statistics (`update_bn`
+would reset them, then normalise with the reset values). Which tiles (`train.precise_bn`):
 `all` = labeled and unlabeled images of the split (no labels are read; the default, and the same
 images for every method, so the supervised baseline gets the same statistics as the others),
 `labeled` = the labeled tiles only, `off` = keep the running statistics of training.
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from s4seg.data.split import Split
 from s4seg.data.store import TileStore
-from s4seg.errors import ParamsError
+from s4seg.evaluation.sliding import to_input
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,8 @@ PRECISE_BN_CHOICES = ("all", "labeled", "off")
 
 
 def precise_bn_tiles(split: Split, which: str) -> list[int]:
-    """Tile ids whose images estimate the BN statistics for `train.precise_bn = which`."""
-    if which not in PRECISE_BN_CHOICES:
-        raise ParamsError(f"precise_bn must be one of {', '.join(PRECISE_BN_CHOICES)}; found {which!r}")
+    """Tile ids whose images estimate the BN statistics for `train.precise_bn = which` (one of
+    PRECISE_BN_CHOICES, checked with the rest of the schedule by `s4seg.engine.loop.validate`)."""
     if which == "off":
         return []
     ids = split.labeled.tolist() + (split.unlabeled.tolist() if which == "all" else [])
@@ -60,8 +61,7 @@ def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
 def _image_batches(store: TileStore, tile_ids: Sequence[int], batch_size: int,
                    device: torch.device) -> Iterator[Tensor]:
     for start, stop in batch_bounds(len(tile_ids), batch_size):
-        images = np.stack([store.image(i) for i in tile_ids[start:stop]])
-        yield torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
+        yield to_input(np.stack([store.image(i) for i in tile_ids[start:stop]]), device)
 
 
 @torch.no_grad()

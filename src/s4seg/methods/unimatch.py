@@ -23,10 +23,10 @@ pass. The CutMix partner is the engine's second unlabeled batch, labelled in eva
 BN running statistics (`perturbed_bn_stats`, neither paper nor code discuss it): in the code the joint
 clean + perturbed decode also updates the decoder's running statistics, so inference normalises with
 statistics partly made of dropped-out features (survivors x2). With small batches this hurt here (synthetic
-default, 1/8 labels, batch 4: 45 mIoU against 47 for the warmup after 126 steps; with this default, 57.8
-against 50.7 for the warmup and 54.6 for `supervised` after 168 steps). Default false: the joint decode
-normalises with its batch statistics, as in the code, but leaves the running ones to the clean strong pass;
-true = the code.
+default, 1/8 labels, batch 4: 45 mIoU against 47 for the warmup after 126 steps; with this default and
+`precise_bn: off`, 57.8 against 50.7 for the warmup and 54.6 for `supervised` after 168 steps).
+Default false: the joint decode normalises with its batch statistics, as in the code, but leaves the
+running ones to the clean strong pass; true = the code.
 """
 
 from __future__ import annotations
