@@ -41,7 +41,7 @@ from s4seg.engine.checkpoint import (
 )
 from s4seg.engine.ema import ema_update
 from s4seg.engine.method import Batch, Method, PseudoLabels, StepOutput
-from s4seg.engine.optim import build_optimizer, poly_lr, set_lr
+from s4seg.engine.optim import build_aux_optimizer, build_optimizer, poly_lr, set_lr
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.errors import ParamsError
 from s4seg.evaluation.sliding import to_input
@@ -268,6 +268,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     groups = method.trainable_groups()
     params = [p for ps in groups.values() for p in ps]
     optimizer = build_optimizer(groups, cfg, base_lr)
+    aux_specs = method.aux_optimizers()
+    aux_optimizers = {name: build_aux_optimizer(spec) for name, spec in aux_specs.items()}
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -286,6 +288,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
+        for name, opt in aux_optimizers.items():
+            opt.load_state_dict(state["aux_optimizers"][name])
         scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"][ctx.rank])
         step = int(state["step"])
@@ -313,6 +317,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
             save_torch_atomic({
                 "format": CHECKPOINT_FORMAT, "run_hash": this_run, "step": step, "total_steps": steps,
                 "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "aux_optimizers": {name: opt.state_dict() for name, opt in aux_optimizers.items()},
                 "scaler": scaler.state_dict(), "rng": all_rng,
                 "snapshots": snapshots.state() if snapshots is not None else [],
             }, ckpt_path)
@@ -337,14 +342,24 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         lr = poly_lr(base_lr, step, steps, cfg.poly_power)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
+        for name, opt in aux_optimizers.items():
+            set_lr(opt, poly_lr(1.0, step, steps, cfg.poly_power) if aux_specs[name].poly else 1.0)
+            opt.zero_grad(set_to_none=True)
         for _ in range(micro_per_step):
             batch = next(batches).to(device)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = method.training_step(batch, step)
-            scaler.scale(out.loss / micro_per_step).backward()
+            # each loss reaches only its own optimiser's parameters (an adversarial loss of the
+            # segmentor must not train the discriminator, and the other way round)
+            scaler.scale(out.loss / micro_per_step).backward(inputs=params, retain_graph=bool(out.aux_losses))
+            for name, aux_loss in out.aux_losses.items():
+                scaler.scale(aux_loss / micro_per_step).backward(inputs=aux_specs[name].params)
             stats.add(out, batch)
         distributed.average_gradients(params, ctx.world_size)
         scaler.step(optimizer)
+        for name, opt in aux_optimizers.items():
+            distributed.average_gradients(aux_specs[name].params, ctx.world_size)
+            scaler.step(opt)
         scaler.update()
         teacher = method.teacher()
         if teacher is not None:

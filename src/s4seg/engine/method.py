@@ -81,9 +81,32 @@ class PseudoLabels:
 
 @dataclass
 class StepOutput:
-    loss: Tensor  # scalar with grad; the engine calls backward on it
+    loss: Tensor  # scalar with grad; the engine calls backward on it for the main optimiser's parameters
     logs: dict[str, float | Tensor]  # every loss term by its paper symbol (loss_x, loss_u_s1, ...), thresholds
     pseudo: PseudoLabels | None = None  # pseudo-labels of the un-mixed weak view (for monitoring)
+    # Losses of the method's auxiliary optimisers (`Method.aux_optimizers`), by the same names: the engine
+    # back-propagates each into that optimiser's parameters only, and steps it after the main optimiser.
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    # Tensors of this step that a method built on top of this one may reuse (`Method` composition, e.g.
+    # an extra loss term on a base method's streams). Keys are documented by the method that fills them.
+    streams: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuxOptimizer:
+    """An optimiser a method owns for an auxiliary network (e.g. a discriminator), stepped by the engine.
+
+    `params` must not overlap the main optimiser's (the engine leaves them out of `trainable_groups`).
+    The LR follows the main poly schedule when `poly` is true (same power, same step count).
+    """
+
+    params: list[nn.Parameter]
+    kind: str = "adam"  # adam | sgd
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # adam
+    momentum: float = 0.9  # sgd
+    weight_decay: float = 0.0
+    poly: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,16 +158,24 @@ class Method(nn.Module):
         """Upper bound gamma of the EMA momentum min(1 - 1/(t+1), gamma)."""
         return 0.996
 
+    def aux_optimizers(self) -> dict[str, AuxOptimizer]:
+        """Optimisers of auxiliary networks (adversarial discriminators), by name; their losses come in
+        `StepOutput.aux_losses` under the same names. The engine builds, steps, checkpoints them and
+        averages their gradients over ranks. Default: none."""
+        return {}
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups by LR role: 'backbone' gets lr, 'head' gets lr * lr_multi.
 
-        Default: the model's own split; extra modules a method adds (projection heads) go to 'head'.
+        Default: the model's own split; extra modules a method adds (projection heads) go to 'head',
+        except the teacher's and the auxiliary optimisers' parameters.
         """
         groups = {k: list(v) for k, v in self.model.param_groups().items()}
         in_model = {id(p) for p in self.model.parameters()}
         teacher = self.teacher()
         in_teacher = {id(p) for p in teacher.parameters()} if teacher is not None else set()
-        extra = [p for p in self.parameters() if id(p) not in in_model and id(p) not in in_teacher]
+        in_aux = {id(p) for aux in self.aux_optimizers().values() for p in aux.params}
+        extra = [p for p in self.parameters() if id(p) not in in_model | in_teacher | in_aux]
         groups["head"] = groups.get("head", []) + extra
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 

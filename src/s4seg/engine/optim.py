@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from s4seg.config import TrainConfig
+from s4seg.engine.method import AuxOptimizer
 from s4seg.errors import ParamsError
 
 LR_ROLES = ("backbone", "head")
@@ -40,6 +41,17 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: TrainConfig, lr:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, weight_decay=cfg.weight_decay)
     raise ParamsError(f"params.yaml: optimizer {cfg.optimizer!r} is not supported; choose one of: adamw, sgd")
+
+
+def build_aux_optimizer(aux: AuxOptimizer) -> torch.optim.Optimizer:
+    """The torch optimiser of a method's auxiliary network (`Method.aux_optimizers`); its base LR is kept
+    in each group's `lr_scale`, so `set_lr(opt, poly factor)` follows the main schedule."""
+    groups = [{"params": list(aux.params), "lr_scale": aux.lr, "lr": aux.lr}]
+    if aux.kind == "adam":
+        return torch.optim.Adam(groups, lr=aux.lr, betas=aux.betas, weight_decay=aux.weight_decay)
+    if aux.kind == "sgd":
+        return torch.optim.SGD(groups, lr=aux.lr, momentum=aux.momentum, weight_decay=aux.weight_decay)
+    raise ValueError(f"auxiliary optimiser kind {aux.kind!r} is not supported; choose one of: adam, sgd")
 
 
 def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
