@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from s4seg.config import ModelConfig
-from s4seg.engine.checkpoint import CHECKPOINT_FORMAT
+from s4seg.engine import loop
+from s4seg.engine.checkpoint import CHECKPOINT_FORMAT, code_hash
 from s4seg.engine.loop import PseudoLabelSnapshots, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,9 +78,11 @@ def test_csv_log_and_artifact(store, tmp_path):
         assert 0.0 <= float(r["pseudo_kept_share"]) <= 1.0 and 0.0 <= float(r["pseudo_kept_acc"]) <= 1.0
     art = torch.load(tmp_path / "model.pt", weights_only=True)
     assert art["step"] == 6 and art["method"] == "toy_semi" and art["classes"] == list(h.CLASSES)
-    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)
-    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 6
-    assert {"method", "optimizer", "scaler", "rng", "run_hash"} <= set(ckpt)
+    # a finished run leaves no resume point: `dvc repro -f` or a re-run after a code change trains again
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
+    again = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=6, log_every=2))
+    assert again["resumed_from"] is None and again["steps"] == 6
+    assert _rows(tmp_path / "log.csv") == rows
 
 
 def test_pseudo_accuracy_against_hidden_truth(store, tmp_path):
@@ -111,28 +114,65 @@ def _crashing(method, at_step: int):
     return method
 
 
-def test_resume_after_crash_gives_identical_weights(store, tmp_path):
-    cfg = h.tiny_train_config(iterations=7, checkpoint_every=2, log_every=1)
+def test_resume_after_crash_gives_identical_weights_and_log(store, tmp_path):
+    # the checkpoint (step 4) falls inside a log window (rows every 3 steps): the running means travel too
+    cfg = h.tiny_train_config(iterations=7, checkpoint_every=2, log_every=3)
     _fit(h.build("toy"), store, tmp_path / "full", cfg)
 
     with pytest.raises(KeyboardInterrupt):
         _fit(_crashing(h.build("toy"), at_step=5), store, tmp_path / "crash", cfg)
     assert not (tmp_path / "crash" / "model.pt").exists()
+    ckpt = torch.load(tmp_path / "crash" / "ckpt" / "last.pt", weights_only=False)
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["step"] == 4
+    assert {"method", "optimizers", "scaler", "rng", "run_hash", "stats", "log"} <= set(ckpt)
+    (tmp_path / "crash" / "log.csv").unlink()  # as DVC does before it runs a stage again
     result = _fit(h.build("toy"), store, tmp_path / "crash", cfg)
     assert result["resumed_from"] == 4  # last checkpoint before the crash (every 2 steps)
     assert _same(_weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "crash" / "model.pt"))
-    # the log has each step once, as if never interrupted
-    assert [r["step"] for r in _rows(tmp_path / "crash" / "log.csv")] == [str(i) for i in range(1, 8)]
+    # the log has each row once, with the same values, as if never interrupted
+    assert [r["step"] for r in _rows(tmp_path / "crash" / "log.csv")] == ["3", "6", "7"]
     assert _rows(tmp_path / "crash" / "log.csv") == _rows(tmp_path / "full" / "log.csv")
+    assert not (tmp_path / "crash" / "ckpt" / "last.pt").exists()
+
+
+def _checkpoint_of_a_crash(store, out: Path, cfg) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_crashing(h.build("toy"), at_step=2), store, out, cfg)
+    assert torch.load(out / "ckpt" / "last.pt", weights_only=False)["step"] == 2
 
 
 def test_changed_config_does_not_resume(store, tmp_path):
-    _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2))
-    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2, lr=0.01))
+    cfg = h.tiny_train_config(iterations=3, checkpoint_every=1)
+    _checkpoint_of_a_crash(store, tmp_path, cfg)
+    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=3, checkpoint_every=1, lr=0.01))
     assert result["resumed_from"] is None
-    # presentation-only keys do not invalidate the checkpoint
-    result = _fit(h.build("toy"), store, tmp_path, h.tiny_train_config(iterations=2, lr=0.01, log_every=5))
-    assert result["resumed_from"] == 2
+    # presentation-only keys (and the post-training PreciseBN pass) do not invalidate the checkpoint
+    _checkpoint_of_a_crash(store, tmp_path, cfg)
+    changed = h.tiny_train_config(iterations=3, checkpoint_every=1, log_every=5, precise_bn="off")
+    assert _fit(h.build("toy"), store, tmp_path, changed)["resumed_from"] == 2
+
+
+def test_changed_code_does_not_resume(store, tmp_path, monkeypatch, caplog):
+    cfg = h.tiny_train_config(iterations=3, checkpoint_every=1)
+    _checkpoint_of_a_crash(store, tmp_path, cfg)
+    monkeypatch.setattr(loop, "code_hash", lambda: "edited-source")
+    with caplog.at_level("WARNING"):
+        result = _fit(h.build("toy"), store, tmp_path, cfg)
+    assert result["resumed_from"] is None and result["steps"] == 3
+    assert "not resumed, starting from step 0" in caplog.text
+
+
+def test_code_hash_follows_every_source_file(tmp_path):
+    package = tmp_path / "s4seg"
+    (package / "methods").mkdir(parents=True)
+    (package / "methods" / "m.py").write_text("x = 1\n")
+    (package / "readme.txt").write_text("not code")
+    before = code_hash(package)
+    (package / "readme.txt").write_text("still not code")
+    assert code_hash(package) == before
+    (package / "methods" / "m.py").write_text("x = 1  # a comment\n")
+    assert code_hash(package) != before
+    assert code_hash() == code_hash(Path(loop.__file__).resolve().parents[1])  # the installed package
 
 
 def test_supervised_on_semi_schedule_and_warmup_schedule(store, tmp_path):

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import zarr
 
 from s4seg.data.store import TileStoreWriter
 from s4seg.report import ReportInputs
 
-REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["road", "tree", "water"]
 PALETTE = ["#808080", "#00a000", "#0000ff"]
 T = 8
@@ -69,7 +68,10 @@ def write_artifacts(root: Path) -> ReportInputs:
     pd.DataFrame({"step": steps, "loss": 1.0 / steps, "loss_x": 0.5 / steps, "loss_u_s1": 0.4 / steps,
                   "lr": 0.005 * (1 - steps / 11), "pseudo_acc": 0.8 + 0.01 * steps, "keep_ratio": 0.5 + 0.02 * steps,
                   "epoch": steps // 5}).to_csv(root / "train.csv", index=False)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    # the test's own params, never the workspace's (which `dvc exp run -S` rewrites)
+    params = {"method": "fixmatch", "methods": {"fixmatch": {"conf_thresh": 0.95}}, "dataset": {"name": "synthetic"},
+              "report": {"num_tiles": 3}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     return ReportInputs(params=root / "params.yaml", table=root / "eval.parquet", warmup_log=root / "warmup.csv",
                         train_log=root / "train.csv", tiles=root / "tiles.zarr", predictions=root / "predictions.zarr",
                         summary=root / "summary.json", pseudo=root / "pseudo.parquet", dump=root / "pseudo.zarr")

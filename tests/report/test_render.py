@@ -91,3 +91,14 @@ def test_markdown_and_html_blocks():
     assert "<td>&lt;z&gt;</td>" in page
     assert format_cell(1.234, "gain", "{:.1f}") == "+1.2" and format_cell("s", "a", "{:.2f}") == "s"
     assert inline_html("a < b") == "a &lt; b"
+
+
+def test_missing_or_empty_training_log_is_reported_not_fatal(artifacts, tmp_path):
+    """`dvc repro -f` once left an empty logs/warmup.csv and the report crashed on it."""
+    Path(artifacts.warmup_log).write_text("")
+    Path(artifacts.train_log).unlink()
+    out = tmp_path / "out"
+    build_report(artifacts, out)
+    md = (out / "report.md").read_text()
+    assert f"No curve for warmup (supervised): `{artifacts.warmup_log}` is empty" in md
+    assert f"No curve for train (fixmatch): `{artifacts.train_log}` is missing" in md

@@ -69,7 +69,7 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     from s4seg.engine.distributed import pick_device
     from s4seg.engine.ema import ema_update
     from s4seg.engine.method import build_method
-    from s4seg.engine.optim import build_optimizer
+    from s4seg.engine.optim import Optimizers
     from s4seg.models import build_model
 
     torch.manual_seed(0)
@@ -77,16 +77,18 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     model = build_model(params.model, num_classes, load_pretrained=False)  # speed does not depend on weights
     method = build_method(method_name, params.methods.get(method_name, {}), model, num_classes).to(device)
     method.train()
-    optimizer = build_optimizer(method.trainable_groups(), params.train, params.train.lr)
+    method.total_steps = WARMUP_ITERS + iters
+    optimizers = Optimizers(method, params.train, params.train.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
     data = synthetic_batch(batch, crop, num_classes, torch.Generator().manual_seed(0)).to(device)
     use_amp = params.train.amp and device.type == "cuda"
 
     def iteration(step: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
+        optimizers.start_step(step, WARMUP_ITERS + iters)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = method.training_step(data, step)
-        out.loss.backward()
-        optimizer.step()
+        optimizers.backward(out, scaler)
+        optimizers.step(scaler)
         if method.teacher() is not None:
             ema_update(method.teacher(), method.model, step, method.ema_momentum())
 

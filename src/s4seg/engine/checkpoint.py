@@ -1,11 +1,13 @@
 """Training checkpoints (resume) and the final model artifact (what later stages load).
 
 Two files, two purposes:
-- `checkpoint_dir/last.pt`: everything needed to continue a run exactly: method state (model, EMA
-  teacher, any extra nets), optimiser, AMP scaler, step, the RNG states of every rank, and a hash of
-  the run's identity (configs, seed, split, world size, init weights). A checkpoint whose hash differs
-  from the current run's is stale and ignored, so a changed config never resumes an old run. The data
-  position needs no state of its own: the loader is a pure function of (seed, micro-batch index).
+- `checkpoint_dir/last.pt`: everything needed to continue a crashed run exactly: method state (model,
+  EMA teacher, any extra nets), optimisers, AMP scaler, step, the RNG states of every rank, the log rows
+  and snapshots so far, and a hash of the run's identity (configs, seed, split, world size, init weights,
+  and the package's source code). A checkpoint whose hash differs from the current run's is stale and
+  ignored, so a changed config or changed code never resumes an old run. A finished run deletes its
+  checkpoint: its result is the model artifact (in DVC's cache), and `dvc repro -f` trains again. The
+  data position needs no state of its own: the loader is a pure function of (seed, micro-batch index).
 - the model artifact (`models/*.pt`, format "s4seg-model/1"): the trained method's state dict plus
   the configs needed to rebuild it with `load_method`.
 Both are written atomically (temporary file, then rename).
@@ -13,6 +15,7 @@ Both are written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +40,25 @@ def run_hash(identity: dict[str, Any]) -> str:
     """A stable hash of a JSON-able description of a run."""
     text = json.dumps(to_dict(identity), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_hash(package: Path | None = None) -> str:
+    """Content hash of the s4seg package's Python sources (or of the package folder given): part of every
+    run's identity, so a checkpoint written by other code (an edited method, loss or loop, even a comment)
+    is never resumed."""
+    return _sources_hash(package) if package is not None else _installed_code_hash()
+
+
+@functools.cache
+def _installed_code_hash() -> str:
+    return _sources_hash(Path(__file__).resolve().parents[1])
+
+
+def _sources_hash(package: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def file_hash(path: str | Path) -> str:
@@ -87,7 +109,8 @@ def load_training_state(path: str | Path, expected_hash: str, map_location: Any 
         log.warning("%s: not an s4seg checkpoint; starting from scratch", path)
         return None
     if state.get("run_hash") != expected_hash:
-        log.warning("%s: written by a run with another config (hash %s, now %s); starting from scratch",
+        log.warning("%s: written by another run (other config, data, init weights or code: hash %s, now %s); "
+                    "not resumed, starting from step 0",
                     path, state.get("run_hash"), expected_hash)
         return None
     return state

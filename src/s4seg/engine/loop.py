@@ -16,7 +16,6 @@ import csv
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from s4seg.engine import distributed
 from s4seg.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng,
+    code_hash,
     load_training_state,
     model_artifact,
     restore_rng,
@@ -41,8 +41,9 @@ from s4seg.engine.checkpoint import (
 )
 from s4seg.engine.ema import ema_update
 from s4seg.engine.method import Batch, Method, PseudoLabels, StepOutput
-from s4seg.engine.optim import build_aux_optimizer, build_optimizer, poly_lr, set_lr
+from s4seg.engine.optim import Optimizers
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
+from s4seg.engine.progress import Progress, format_duration
 from s4seg.errors import ParamsError
 from s4seg.evaluation.sliding import to_input
 from s4seg.io import atomic_path
@@ -99,14 +100,20 @@ def seed_everything(seed: int) -> None:
 class StepStats:
     """Running sums since the last log row: mean of every log key, and pseudo-label counts.
 
-    Values stay on the device until `row()` (one sync per row instead of one per step).
+    Values stay on the device until `row()` (one sync per row instead of one per step). The sums travel
+    in the resume checkpoint (`state`), so the first row after a resume averages the same steps as in an
+    uninterrupted run.
     """
 
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor | float] = {}
-        self.count = 0
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.sums: dict[str, Tensor | float] = dict(state["sums"]) if state else {}
+        self.count = int(state["count"]) if state else 0
         # valid unlabeled pixels, kept ones, kept ones with ground truth (y_u != 255), kept and correct
-        self.pseudo: Tensor | None = None
+        self.pseudo: Tensor | None = state["pseudo"] if state else None
+
+    def state(self) -> dict[str, Any]:
+        cpu = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self.sums.items()}
+        return {"sums": cpu, "count": self.count, "pseudo": None if self.pseudo is None else self.pseudo.cpu()}
 
     def add(self, out: StepOutput, batch: Batch) -> None:
         self.count += 1
@@ -120,7 +127,7 @@ class StepStats:
             graded = keep & (batch.y_u != IGNORE_INDEX)
             correct = graded & (out.pseudo.label == batch.y_u)
             counts = torch.stack([valid.sum(), keep.sum(), graded.sum(), correct.sum()]).double()
-            self.pseudo = counts if self.pseudo is None else self.pseudo + counts
+            self.pseudo = counts if self.pseudo is None else self.pseudo + counts.to(self.pseudo.device)
 
     def row(self) -> dict[str, float]:
         out = {k: float(v) / self.count for k, v in self.sums.items()}
@@ -132,37 +139,41 @@ class StepStats:
 
 
 class CsvLog:
-    """logs/*.csv: header from the first row; on resume the rows past the checkpoint are dropped."""
+    """logs/*.csv, written row by row. Its rows also live in memory and travel in the resume checkpoint,
+    so a resumed run rewrites the rows before the checkpoint (DVC deletes a stage's outputs before it
+    runs it) and its log equals an uninterrupted run's row for row."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.fields: list[str] | None = None
+        self.rows: list[dict[str, str]] = []
 
-    def start(self, resume_step: int | None) -> None:
-        """Fresh log (resume_step None) or keep the rows with step <= resume_step."""
+    def start(self, state: dict[str, Any] | None) -> None:
+        """A fresh log, or the fields and rows a checkpoint carried."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows: list[dict[str, str]] = []
-        if resume_step is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = list(reader.fieldnames or []) or None
-                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        self.fields = list(state["fields"]) if state and state["fields"] else None
+        self.rows = [dict(r) for r in state["rows"]] if state else []
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             if self.fields:
                 writer = csv.DictWriter(f, fieldnames=self.fields)
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(self.rows)
+
+    def state(self) -> dict[str, Any]:
+        return {"fields": self.fields, "rows": list(self.rows)}
 
     def write(self, row: dict[str, Any]) -> None:
         new_file = self.fields is None
         if new_file:
             self.fields = list(row)
+        # keys that appear only after the header was written are dropped; missing ones stay empty
+        text = {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in row.items() if k in self.fields}
+        self.rows.append(text)
         with open(self.path, "a", newline="") as f:
-            # keys that appear only after the header was written are dropped; missing ones stay empty
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             if new_file:
                 writer.writeheader()
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,14 +255,15 @@ def fit(
     try:
         return _fit(method, store, split, cfg, ctx, model_cfg=model_cfg, seed=seed, out_path=Path(out_path),
                     log_path=Path(log_path), checkpoint_dir=Path(checkpoint_dir), labeled_only=labeled_only,
-                    snapshots=snapshots, identity=identity or {})
+                    snapshots=snapshots, identity=identity or {}, section=section)
     finally:
         distributed.teardown(ctx)
 
 
 def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: distributed.DistContext, *,
          model_cfg: ModelConfig, seed: int, out_path: Path, log_path: Path, checkpoint_dir: Path,
-         labeled_only: bool, snapshots: PseudoLabelSnapshots | None, identity: dict[str, Any]) -> dict[str, Any]:
+         labeled_only: bool, snapshots: PseudoLabelSnapshots | None, identity: dict[str, Any],
+         section: str) -> dict[str, Any]:
     device = ctx.device
     if ctx.is_main:
         log.info("training %s on %s (world size %d)", method.name, device, ctx.world_size)
@@ -263,13 +275,13 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                               load_unlabeled=method.uses_unlabeled, rank=ctx.rank, world_size=ctx.world_size)
     steps = total_steps(cfg, schedule.batches_per_epoch)
     base_lr = effective_lr(cfg, ctx.world_size)
+    if ctx.is_main:
+        log.info("%s plan: %d optimiser steps of %d x %d micro-batch(es) of %d tiles (%.2f epochs of %d)", section,
+                 steps, cfg.accumulate, ctx.world_size, cfg.batch_size,
+                 steps * cfg.accumulate / schedule.batches_per_epoch, schedule.batches_per_epoch)
 
     # Optimiser and AMP -----------------------------------------------------------------------------
-    groups = method.trainable_groups()
-    params = [p for ps in groups.values() for p in ps]
-    optimizer = build_optimizer(groups, cfg, base_lr)
-    aux_specs = method.aux_optimizers()
-    aux_optimizers = {name: build_aux_optimizer(spec) for name, spec in aux_specs.items()}
+    optimizers = Optimizers(method, cfg, base_lr)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -279,17 +291,17 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     this_run = run_hash({
         "train": train_keys, "method": method.name, "method_config": method.cfg, "model": model_cfg,
         "seed": seed, "world_size": ctx.world_size, "labeled_only": labeled_only,
-        "labeled": split.labeled.tolist(), "unlabeled": split.unlabeled.tolist(), "store": len(store), **identity,
+        "labeled": split.labeled.tolist(), "unlabeled": split.unlabeled.tolist(), "store": len(store),
+        "code": code_hash(), **identity,
     })
     ckpt_path = checkpoint_dir / "last.pt"
     # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state
     state = load_training_state(ckpt_path, this_run, map_location="cpu")
     step = 0
+    method.total_steps = steps
     if state is not None:
         method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, opt in aux_optimizers.items():
-            opt.load_state_dict(state["aux_optimizers"][name])
+        optimizers.load_state_dict(state["optimizers"])
         scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"][ctx.rank])
         step = int(state["step"])
@@ -298,12 +310,13 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         if ctx.is_main:
             log.info("resumed from %s at step %d of %d", ckpt_path, step, steps)
     resumed_from = step if state is not None else None
+    stats = StepStats(state["stats"] if state is not None else None)
+    csv_log = CsvLog(log_path) if ctx.is_main else None
+    if csv_log is not None:
+        csv_log.start(state["log"] if state is not None else None)
     del state
     if ctx.distributed:
         distributed.broadcast_module(method)
-    csv_log = CsvLog(log_path) if ctx.is_main else None
-    if csv_log is not None:
-        csv_log.start(resumed_from)
 
     def save_checkpoint() -> None:
         distributed.average_buffers(method, ctx.world_size)
@@ -316,9 +329,9 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         if ctx.is_main:
             save_torch_atomic({
                 "format": CHECKPOINT_FORMAT, "run_hash": this_run, "step": step, "total_steps": steps,
-                "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "aux_optimizers": {name: opt.state_dict() for name, opt in aux_optimizers.items()},
-                "scaler": scaler.state_dict(), "rng": all_rng,
+                "method": method.state_dict(), "optimizers": optimizers.state_dict(),
+                "scaler": scaler.state_dict(), "rng": all_rng, "stats": stats.state(),
+                "log": csv_log.state() if csv_log is not None else None,
                 "snapshots": snapshots.state() if snapshots is not None else [],
             }, ckpt_path)
 
@@ -328,39 +341,21 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                          start=step * micro_per_step, stop=steps * micro_per_step, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda")
     batches = iter(loader)
-    bar = None
-    if ctx.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=step, desc=method.name, file=sys.stderr, dynamic_ncols=True)
+    progress = Progress(steps, step, f"{section} {method.name}", enabled=ctx.is_main)
     if snapshots is not None and ctx.is_main and step == 0 and cfg.snapshot_every > 0:
         snapshots.take(0, method, device)
-    stats = StepStats()
     started = time.perf_counter()
     method.train()
     while step < steps:
-        lr = poly_lr(base_lr, step, steps, cfg.poly_power)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        for name, opt in aux_optimizers.items():
-            set_lr(opt, poly_lr(1.0, step, steps, cfg.poly_power) if aux_specs[name].poly else 1.0)
-            opt.zero_grad(set_to_none=True)
+        lr = optimizers.start_step(step, steps)
         for _ in range(micro_per_step):
             batch = next(batches).to(device)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = method.training_step(batch, step)
-            # each loss reaches only its own optimiser's parameters (an adversarial loss of the
-            # segmentor must not train the discriminator, and the other way round)
-            scaler.scale(out.loss / micro_per_step).backward(inputs=params, retain_graph=bool(out.aux_losses))
-            for name, aux_loss in out.aux_losses.items():
-                scaler.scale(aux_loss / micro_per_step).backward(inputs=aux_specs[name].params)
+            optimizers.backward(out, scaler, micro_per_step)
             stats.add(out, batch)
-        distributed.average_gradients(params, ctx.world_size)
-        scaler.step(optimizer)
-        for name, opt in aux_optimizers.items():
-            distributed.average_gradients(aux_specs[name].params, ctx.world_size)
-            scaler.step(opt)
-        scaler.update()
+            out.streams.clear()  # free what composed methods needed, before the next forward
+        optimizers.step(scaler, ctx.world_size)
         teacher = method.teacher()
         if teacher is not None:
             ema_update(teacher, method.model, step, method.ema_momentum())
@@ -375,15 +370,17 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                 raise FloatingPointError(f"{method.name}: loss is {row['loss']} at step {step}; lower the LR")
             csv_log.write(row)
             stats = StepStats()
-        if bar is not None and (step % _BAR_REFRESH_STEPS == 0 or step == steps):
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
+        if step % _BAR_REFRESH_STEPS == 0 or step == steps:
+            progress.update(step, loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}")
+            if step - progress.initial == _BAR_REFRESH_STEPS and ctx.is_main:  # the plan, timed
+                rate = progress.seconds_per_step() or 0.0
+                log.info("%s %s: %d steps to go at %.2f s/iter, about %s", section, method.name, steps - step,
+                         rate, format_duration(rate * (steps - step)))
         if snapshots is not None and ctx.is_main and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0:
             snapshots.take(step, method, device)
         if step % cfg.checkpoint_every == 0 or epoch_end or step == steps:
             save_checkpoint()
-    if bar is not None:
-        bar.close()
+    progress.close()
     del batches
 
     # Final artifact: the model of the last step (never a "best" epoch picked on test data) ----------
@@ -398,6 +395,9 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                                   step=step, train_cfg=cfg)
         artifact["seed"] = seed
         save_torch_atomic(artifact, out_path)
+        # the run is complete and its result is the artifact: leave no resume point behind, so that
+        # `dvc repro -f` or a re-run after a change trains again instead of resuming at the last step
+        ckpt_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     if ctx.is_main:
         log.info("%s: %d steps done in %.1f s; wrote %s", method.name, step, seconds, out_path)

@@ -120,6 +120,9 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = MethodConfig
     uses_unlabeled: ClassVar[bool] = True
+    # Optimiser steps of the run; the engine sets it before the first step (schedules that depend on the
+    # training progress t / T read it). None outside training.
+    total_steps: int | None = None
 
     def __init__(self, cfg: Any, model: nn.Module, num_classes: int) -> None:
         super().__init__()

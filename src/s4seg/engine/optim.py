@@ -11,11 +11,14 @@ Conventions (shared by every method):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from s4seg.config import TrainConfig
-from s4seg.engine.method import AuxOptimizer
+from s4seg.engine import distributed
+from s4seg.engine.method import AuxOptimizer, Method, StepOutput
 from s4seg.errors import ParamsError
 
 LR_ROLES = ("backbone", "head")
@@ -63,3 +66,50 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's LR to lr times its role multiplier."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+
+
+class Optimizers:
+    """The main optimiser over `Method.trainable_groups()` and the method's auxiliary optimisers
+    (`Method.aux_optimizers()`), driven together: one place for the LR schedule, the backward of each loss
+    into its own parameters, gradient averaging over ranks, the steps and the checkpointed state."""
+
+    def __init__(self, method: Method, cfg: TrainConfig, base_lr: float) -> None:
+        groups = method.trainable_groups()
+        self.params = [p for ps in groups.values() for p in ps]
+        self.main = build_optimizer(groups, cfg, base_lr)
+        self.aux_specs = method.aux_optimizers()
+        self.aux = {name: build_aux_optimizer(spec) for name, spec in self.aux_specs.items()}
+        self.base_lr, self.power = base_lr, cfg.poly_power
+
+    def start_step(self, step: int, total: int) -> float:
+        """Set every LR for optimiser step `step` of `total` (poly) and zero the gradients; returns the main LR."""
+        lr = poly_lr(self.base_lr, step, total, self.power)
+        set_lr(self.main, lr)
+        self.main.zero_grad(set_to_none=True)
+        for name, opt in self.aux.items():
+            set_lr(opt, poly_lr(1.0, step, total, self.power) if self.aux_specs[name].poly else 1.0)
+            opt.zero_grad(set_to_none=True)
+        return lr
+
+    def backward(self, out: StepOutput, scaler: torch.amp.GradScaler, divisor: int = 1) -> None:
+        """Each loss into its own optimiser's parameters only: the segmentor's loss must not train a
+        discriminator, nor the discriminator's loss the segmentor."""
+        scaler.scale(out.loss / divisor).backward(inputs=self.params, retain_graph=bool(out.aux_losses))
+        for name, aux_loss in out.aux_losses.items():
+            scaler.scale(aux_loss / divisor).backward(inputs=self.aux_specs[name].params)
+
+    def step(self, scaler: torch.amp.GradScaler, world_size: int = 1) -> None:
+        distributed.average_gradients(self.params, world_size)
+        scaler.step(self.main)
+        for name, opt in self.aux.items():
+            distributed.average_gradients(self.aux_specs[name].params, world_size)
+            scaler.step(opt)
+        scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict(), "aux": {name: opt.state_dict() for name, opt in self.aux.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+        for name, opt in self.aux.items():
+            opt.load_state_dict(state["aux"][name])

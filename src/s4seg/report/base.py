@@ -100,7 +100,10 @@ class ReportContext:
 
     def read_csv(self, name: str) -> pd.DataFrame | None:
         def read(p: Path) -> pd.DataFrame | None:
-            frame = pd.read_csv(p)
+            try:
+                frame = pd.read_csv(p)
+            except pd.errors.EmptyDataError:  # an empty file: no header, no rows
+                return None
             return frame if len(frame) else None
 
         return self._cached(name, read)

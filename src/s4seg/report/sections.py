@@ -178,6 +178,10 @@ def curves(ctx: ReportContext) -> Section | None:
     for name, title in (("warmup_log", "warmup (supervised)"), ("train_log", f"train ({method})")):
         log = ctx.read_csv(name)
         if log is None:
+            given = getattr(ctx.inputs, name)
+            if given is not None:
+                state = "is empty" if ctx.path(name) is not None else "is missing"
+                blocks.append(Text(f"No curve for {title}: `{given}` {state} (re-run the stage that writes it)."))
             continue
         x = log["step"] if "step" in log.columns else pd.Series(np.arange(len(log)), name="row")
         numeric = [c for c in log.columns if c != x.name and pd.api.types.is_numeric_dtype(log[c])]
