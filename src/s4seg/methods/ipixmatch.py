@@ -1,7 +1,7 @@
 """IPixMatch: an inter-pixel relation loss added to a base weak-to-strong method (UniMatch by default).
 
 Paper: IPixMatch, "Boost Semi-supervised Semantic Segmentation with Inter-Pixel Relation" (Wu et al., TII;
-no arXiv id, no public code), §III-B Eq. (2)-(6), §IV-C (loss ablation, warm-up). Spec and resolved
+no arXiv id in the paper text, no public code), §III-B Eq. (2)-(6), §IV-C (loss ablation, warm-up). Spec and resolved
 ambiguities: `reference/regionmatch_ipixmatch.md` part B (B.1, B.2 items cited as [B.2.n] below).
 
     L_sum = L_o + alpha(i) L_IPix                                     (Eq. 6)
