@@ -11,6 +11,10 @@ the engine does everything else (data, optimiser, LR, EMA update, checkpoints, l
 
 The engine never imports a concrete method: `s4seg.methods` imports every method module, which
 registers it, and `build_method` looks it up by name.
+
+Composition: a method that is a loss term on top of another (IPixMatch: L = L_o + alpha L_IPix) subclasses
+`AddOnMethod` with an `AddOnConfig`: it builds its base by name on the same model, calls the base's
+`training_step` and reads what it needs from `StepOutput.streams`; the base keeps everything else.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from s4seg.config import from_dict
+from s4seg.config import from_dict, to_dict
 from s4seg.errors import ParamsError
 
 
@@ -77,6 +81,9 @@ class PseudoLabels:
     keep: Tensor  # (B, H, W) bool: this pixel contributes to the unlabeled loss
     regions: Tensor | None = None  # (B, H, W) int32 region ids, for region-based methods
     extra: dict[str, Tensor] = field(default_factory=dict)  # method-specific layers for the dump
+    # (B, K, H, W) detached logits `label` and `conf` were taken from, for terms that need the whole
+    # distribution (e.g. `StepOutput.streams`); never written by the dump
+    logits: Tensor | None = None
 
 
 @dataclass
@@ -87,8 +94,9 @@ class StepOutput:
     # Losses of the method's auxiliary optimisers (`Method.aux_optimizers`), by the same names: the engine
     # back-propagates each into that optimiser's parameters only, and steps it after the main optimiser.
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
-    # Tensors of this step that a method built on top of this one may reuse (`Method` composition, e.g.
-    # an extra loss term on a base method's streams). Keys are documented by the method that fills them.
+    # Tensors of this step that a method built on top of this one may reuse (`AddOnMethod`, e.g. an extra
+    # loss term on a base method's views). Keys are documented by the method that fills them (the
+    # weak-to-strong methods: `s4seg.methods.losses`, "Streams").
     streams: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -120,8 +128,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = MethodConfig
     uses_unlabeled: ClassVar[bool] = True
-    # Optimiser steps of the run; the engine sets it before the first step (schedules that depend on the
-    # training progress t / T read it). None outside training.
+    # The run's optimiser-step count, for schedules over training (a warm-up given as a share of the run).
+    # The engine sets it before the first `training_step`; None outside a run. Methods must cope with None.
     total_steps: int | None = None
 
     def __init__(self, cfg: Any, model: nn.Module, num_classes: int) -> None:
@@ -142,10 +150,10 @@ class Method(nn.Module):
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
         """Hard pseudo-labels of weak views with the method's own selection rule (default: keep all valid)."""
-        prob = self.predict(images).softmax(dim=1)
-        conf, label = prob.max(dim=1)
+        logits = self.predict(images)
+        conf, label = logits.softmax(dim=1).max(dim=1)
         keep = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
-        return PseudoLabels(label=label, conf=conf, keep=keep)
+        return PseudoLabels(label=label, conf=conf, keep=keep, logits=logits)
 
     def teacher(self) -> nn.Module | None:
         """An EMA teacher the engine must update after each optimiser step, or None."""
@@ -181,6 +189,88 @@ class Method(nn.Module):
         extra = [p for p in self.parameters() if id(p) not in in_model | in_teacher | in_aux]
         groups["head"] = groups.get("head", []) + extra
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition: a loss term on top of a base method
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddOnConfig(MethodConfig):
+    """Base of the config of an `AddOnMethod`: the base method by name, and its own params section.
+
+    `base_params` holds the keys of `methods.<base>` (validated by the base's config class) and is stored
+    resolved, every key with its value, so the run hash and the model artifact name the whole base config.
+    """
+
+    base: str = ""
+    base_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.base not in _METHODS:
+            raise ParamsError(f"base {self.base!r} is not a registered method; choose one of: "
+                              f"{', '.join(registered_methods())}")
+        base_cfg = from_dict(_METHODS[self.base].config_class, self.base_params, where=f"base_params ({self.base})")
+        object.__setattr__(self, "base_params", to_dict(base_cfg))
+
+
+class AddOnMethod(Method):
+    """A method made of a base method plus its own loss terms (L = L_base + ...).
+
+    It builds the base by name on the same `model`, so the base's extra networks (an EMA teacher) live inside
+    this module, calls the base's `training_step` and reads the tensors it needs from `StepOutput.streams`.
+    The base owns the model, which is registered once, inside it (state-dict keys `base.model.*`,
+    `base.ema_model.*`); `predict`, `pseudo_labels`, `teacher`, `networks`, `ema_momentum`, `aux_optimizers`
+    and `uses_unlabeled` are the base's, and `trainable_groups` the base's plus the add-on's own parameters
+    (in 'head'). `total_steps` set by the engine reaches the base too.
+    """
+
+    base: Method
+
+    def __init__(self, cfg: AddOnConfig, model: nn.Module, num_classes: int) -> None:
+        super().__init__(cfg, model, num_classes)
+        del self.model  # registered once, in the base: one copy of every weight in the state dict
+        self.base = build_method(cfg.base, cfg.base_params, model, num_classes)
+        self.uses_unlabeled = self.base.uses_unlabeled
+
+    @property
+    def model(self) -> nn.Module:  # type: ignore[override]
+        return self.base.model
+
+    @property
+    def total_steps(self) -> int | None:  # type: ignore[override]
+        return self.base.total_steps
+
+    @total_steps.setter
+    def total_steps(self, steps: int | None) -> None:
+        self.base.total_steps = steps
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        return self.base.predict(images)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
+        return self.base.pseudo_labels(images, valid)
+
+    def teacher(self) -> nn.Module | None:
+        return self.base.teacher()
+
+    def networks(self) -> list[nn.Module]:
+        return self.base.networks()
+
+    def ema_momentum(self) -> float:
+        return self.base.ema_momentum()
+
+    def aux_optimizers(self) -> dict[str, AuxOptimizer]:
+        return self.base.aux_optimizers()
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = self.base.trainable_groups()
+        in_base = {id(p) for p in self.base.parameters()}
+        own = [p for p in self.parameters() if id(p) not in in_base and p.requires_grad]
+        if own:
+            groups["head"] = groups.get("head", []) + own
+        return groups
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from s4seg.methods.losses import (
     select_confident,
     unlabeled_ce,
     valid_or_all,
+    view_streams,
 )
 
 
@@ -107,7 +108,7 @@ class FixMatch(Method):
             "mask_ratio": mask_ratio(weak.keep, weak.valid),
             "tau": tau,
         }
-        return StepOutput(loss=loss, logs=logs, pseudo=pseudo)
+        return StepOutput(loss=loss, logs=logs, pseudo=pseudo, streams=view_streams("s1", logits_s, target_s))
 
     def _labeller(self) -> nn.Module:
         return self.ema_model if self.ema_model is not None else self.model

@@ -13,6 +13,15 @@ Facts: `reference/unimatch_v1_fixmatch.md` §1.2, §1.5 and `reference/unimatch_
 
 Also the small pieces these methods share, so that each method file holds only its paper: the targets a
 view trains on, the CutMix partner, eval-mode labelling, the EMA teacher's copy and config checks.
+
+Streams (`StepOutput.streams`), for a loss term added on top of these methods (`AddOnMethod`, e.g.
+ipixmatch). Per student view v, `view_streams(v, logits, targets)` gives the tensors the view's loss used:
+    logits_<v>    (B, K, H, W) the student's logits of the view (with grad)
+    logits_t_<v>  (B, K, H, W) detached logits its pseudo-labels were taken from (teacher side), in the
+                  view's frame: CutMix-ed with the same box as the targets (absent if the labeller gives none)
+    label_<v>, conf_<v>, keep_<v>, valid_<v>  (B, H, W) the view's `Targets`
+Views: `s1`, `s2` the CutMix-ed strong image views (FixMatch has `s1` only, from u_s1 and box1); `fp`
+UniMatch's feature-perturbed weak view (un-mixed weak targets).
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ def select_confident(logits: Tensor, tau: float, valid: Tensor | None = None) ->
     keep = conf >= tau
     if valid is not None:
         keep = keep & valid.bool()
-    return PseudoLabels(label=label, conf=conf, keep=keep)
+    return PseudoLabels(label=label, conf=conf, keep=keep, logits=logits.detach())
 
 
 def valid_or_all(valid: Tensor | None, images: Tensor) -> Tensor:
@@ -91,24 +100,34 @@ class Targets:
     conf: Tensor  # float confidence of `label`
     keep: Tensor  # bool: conf >= tau and valid
     valid: Tensor  # bool: not padding (the loss denominator)
+    logits: Tensor | None = None  # (B, K, H, W) detached logits of the labeller (`PseudoLabels.logits`)
 
     @classmethod
     def of(cls, pseudo: PseudoLabels, valid: Tensor) -> Targets:
-        return cls(label=pseudo.label, conf=pseudo.conf, keep=pseudo.keep & valid, valid=valid)
+        return cls(label=pseudo.label, conf=pseudo.conf, keep=pseudo.keep & valid, valid=valid, logits=pseudo.logits)
 
     def cutmix(self, partner: Targets, box: Tensor | None) -> Targets:
         """Targets of a view whose pixels inside `box` were replaced by the partner's (reference V1 §1.2 step 6)."""
         if box is None:
             return self
         pairs = zip(self.fields(), partner.fields(), strict=True)
-        return Targets(*(cutmix(mine, theirs, box) for mine, theirs in pairs))
+        return Targets(*(cutmix(a, b, box) if a is not None and b is not None else None for a, b in pairs))
 
     def flipped(self) -> Targets:
         """The batch reversed along dim 0: sample i gets sample B-1-i's targets (UniMatch V2 code's partner)."""
-        return Targets(*(t.flip(0) for t in self.fields()))
+        return Targets(*(None if t is None else t.flip(0) for t in self.fields()))
 
-    def fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.label, self.conf, self.keep, self.valid
+    def fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        return self.label, self.conf, self.keep, self.valid, self.logits
+
+
+def view_streams(view: str, logits: Tensor, targets: Targets) -> dict[str, Tensor]:
+    """`StepOutput.streams` of one student view: its logits and targets (see "Streams" above)."""
+    streams = {f"logits_{view}": logits, f"label_{view}": targets.label, f"conf_{view}": targets.conf,
+               f"keep_{view}": targets.keep, f"valid_{view}": targets.valid}
+    if targets.logits is not None:
+        streams[f"logits_t_{view}"] = targets.logits
+    return streams
 
 
 @dataclass(frozen=True)

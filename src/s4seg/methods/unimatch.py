@@ -53,6 +53,7 @@ from s4seg.methods.losses import (
     select_confident,
     unlabeled_ce,
     valid_or_all,
+    view_streams,
 )
 
 
@@ -121,7 +122,9 @@ class UniMatch(Method):
             "mask_ratio": mask_ratio(weak.keep, weak.valid),
             "tau": tau,
         }
-        return StepOutput(loss=loss, logs=logs, pseudo=pseudo)
+        streams = {**view_streams("s1", logits_s1, target_s1), **view_streams("s2", logits_s2, target_s2),
+                   **view_streams("fp", logits_fp, weak)}
+        return StepOutput(loss=loss, logs=logs, pseudo=pseudo, streams=streams)
 
     def forward_with_fp(self, x: Tensor, u_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eq. (6)-(7): encode labeled + weak once, decode [clean; perturbed] in one decoder pass.

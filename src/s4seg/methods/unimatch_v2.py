@@ -56,6 +56,7 @@ from s4seg.methods.losses import (
     select_confident,
     unlabeled_ce,
     valid_or_all,
+    view_streams,
 )
 
 
@@ -148,7 +149,8 @@ class UniMatchV2(Method):
             "mask_ratio": mask_ratio(weak.keep, weak.valid),
             "tau": self.cfg.conf_thresh,
         }
-        return StepOutput(loss=loss, logs=logs, pseudo=pseudo)
+        streams = {**view_streams("s1", logits_s1, target_s1), **view_streams("s2", logits_s2, target_s2)}
+        return StepOutput(loss=loss, logs=logs, pseudo=pseudo, streams=streams)
 
     @torch.no_grad()
     def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
