@@ -40,6 +40,7 @@ from s4seg.methods.regionmatch import (
     region_ce,
     region_cells,
     region_targets,
+    regions_on_features,
     transport,
 )
 from s4seg.models import build_model
@@ -121,14 +122,18 @@ def test_masked_average_pool_is_the_region_mean_of_nearest_upsampled_features() 
         features = torch.randn(2, 3, fh, fw)
         regions = torch.randint(-1, 4, (2, height, width))
         regions[1] += 4 * (regions[1] >= 0)  # ids 4..7 in the second image
-        cells = region_cells(regions, pixel_cells((2, height, width), (fh, fw), torch.device("cpu")), 8)
-        pooled = masked_average_pool(features, cells)
+        cpu = torch.device("cpu")
+        raster = region_cells(regions, pixel_cells((2, height, width), (fh, fw), cpu), 8)  # repeated pairs
+        grouped = regions_on_features(regions, (fh, fw), 8)  # pixels ordered cell by cell: fewer triplets
+        assert len(grouped.region) < len(raster.region)
         upsampled = F.interpolate(features, size=(height, width), mode="nearest")  # (2, 3, H, W)
-        for i in range(8):
-            inside = regions == i
-            expected = upsampled.permute(0, 2, 3, 1)[inside].mean(0)
-            assert torch.allclose(pooled[i], expected, atol=1e-6), i
-            assert cells.area[i] == inside.sum()
+        for cells in (raster, grouped):
+            pooled = masked_average_pool(features, cells)
+            for i in range(8):
+                inside = regions == i
+                expected = upsampled.permute(0, 2, 3, 1)[inside].mean(0)
+                assert torch.allclose(pooled[i], expected, atol=1e-6), i
+                assert cells.area[i] == inside.sum()
 
 
 def test_pooling_gradient_reaches_only_the_cells_under_the_region() -> None:
@@ -181,9 +186,9 @@ def test_entropy_quantile_is_the_kth_smallest_over_valid_pixels() -> None:
     assert entropy_quantile(values, valid, 0.5).flatten().tolist() == pytest.approx([0.3, 0.4])  # k = 3, 2
     # batch scope: 8 valid values, k = ceil(6.4) = 7 -> 0.7 for both images
     assert entropy_quantile(values, valid, 0.8, "batch").flatten().tolist() == pytest.approx([0.7, 0.7])
-    # q n exactly an integer: k = 0.8 * 10 = 8 (not 9 from 8.000000000000002)
+    # q n an integer up to rounding: (1 - 0.7) * 10 = 3.0000000000000004 in floating point, k = 3 (not 4)
     ten = torch.arange(10.0).reshape(1, 1, 10)
-    assert entropy_quantile(ten, torch.ones_like(ten, dtype=torch.bool), 1 - 0.2).item() == 7.0
+    assert entropy_quantile(ten, torch.ones_like(ten, dtype=torch.bool), 1 - 0.7).item() == 2.0
     assert entropy_quantile(values, torch.zeros_like(valid), 0.8).isinf().all()  # no valid pixel
 
 
@@ -451,6 +456,15 @@ def test_training_step_pseudo_is_the_eval_mode_selection_and_weak_side_has_no_gr
     out = method.training_step(batch, 0)
     assert torch.equal(out.pseudo.keep, expected.keep) and torch.equal(out.pseudo.label, expected.label)
     assert not out.pseudo.conf.requires_grad and method.model.training
+
+
+def test_weak_labels_from_train_forward_labels_with_the_train_mode_joint_pass() -> None:
+    method, batch = make(weak_labels_from_train_forward=True), make_batch()
+    out = method.training_step(batch, 0)
+    with torch.no_grad():  # train-mode BN normalises with batch statistics: the same logits again
+        logits, _ = method._forward(torch.cat([batch.x, batch.u_w]))
+    assert torch.equal(out.pseudo.label, logits[len(batch.x):].argmax(1))
+    assert not torch.equal(out.pseudo.label, make().pseudo_labels(batch.u_w, batch.valid_u).label)
 
 
 def test_weak_labels_from_train_forward_and_flip_partner_run() -> None:

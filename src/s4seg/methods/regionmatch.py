@@ -25,8 +25,9 @@ Choices (paper silent or ambiguous), each with its switch where one exists:
   no BN (region counts vary); f_r = Linear(256, K). Both train in the 'head' LR group.
 - Masked average pooling [R A.1]: pixel (y, x) lies in feature cell (floor(y h/H), floor(x w/W)) (nearest
   upsampling of F), so MAP_i = sum_c w_ic F_c / sum_c w_ic with w_ic the region's pixels in cell c. Built once
-  per region map as sparse (region, cell, count) triplets; pooling is one gather + index_add, no Python loop
-  over regions and no upsampled F.
+  per region map as (region, cell, count) triplets, run-length encoded over the pixels taken cell by cell
+  (no sort: `torch.unique` is slow on the CPU; a pair may repeat, sums do not care); pooling is one gather +
+  index_add, no Python loop over regions and no upsampled F.
 - Minimum size [R A.1]: PRSPL uses every region; L_r, CIR2R and PRCC only regions of at least
   `min_region_cells` feature cells (4 cells = 64 px at stride 4, the reference's A_min), counted on the
   visible part in the strong frame.
@@ -64,7 +65,8 @@ Choices (paper silent or ambiguous), each with its switch where one exists:
 - Total loss: the plain sum of Eq. (4). `halve_loss: true` divides it by 2 like `fixmatch.py` (the UniMatch
   code's (L_x + L_u) / 2), so that with every RegionMatch term off the run is exactly our FixMatch.
 - Ablations (`dvc exp run -S methods.regionmatch.<key>=false`): `prspl`, `cir2r`, `prcc` (Table 4),
-  `region_cls_labeled`, `region_cls_unlabeled` (Table 5); each removes its term only.
+  `region_cls_labeled`, `region_cls_unlabeled` (Table 5); each removes its term only. Table 4's rows keep
+  the region classification (PRSPL needs f_r); its "none" row (FixMatch) is all five off.
 
 `pseudo_labels` also returns the region ids (`regions`: int32 ids over the batch, -1 = none; the dump
 renumbers them 1..n per tile) and, in `extra`, the region classifier's class (`region_classifier_label`,
@@ -74,6 +76,7 @@ uint8, 255 = no region) and confidence (`region_classifier_conf`) painted per pi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -174,27 +177,64 @@ def pixel_cells(shape: tuple[int, int, int], feature_size: tuple[int, int], devi
     return torch.arange(b, device=device)[:, None, None] * (h * w) + within
 
 
+def cell_order(shape: tuple[int, int, int], feature_size: tuple[int, int], device: torch.device) -> Tensor:
+    """A permutation of the B * H * W pixels that puts the pixels of each feature cell next to each other
+    (cell by cell, raster order inside a cell), so that `region_cells` finds few runs per cell."""
+    _, height, width = shape
+    order = torch.from_numpy(_cell_order_of_one_image(height, width, *feature_size)).to(device)
+    return (torch.arange(shape[0], device=device)[:, None] * (height * width) + order).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_order_of_one_image(height: int, width: int, h: int, w: int) -> np.ndarray:
+    within = pixel_cells((1, height, width), (h, w), torch.device("cpu")).reshape(-1).numpy()
+    return np.argsort(within, kind="stable")  # numpy: torch's CPU sort is much slower
+
+
+def with_none_as_last(regions: Tensor, num_regions: int) -> Tensor:
+    """Region ids with "no region" (-1) mapped to an extra id `num_regions`, so that scatter and gather
+    ops run over every pixel (no boolean indexing over pixels) and the extra row is dropped afterwards."""
+    return torch.where(regions >= 0, regions, num_regions)
+
+
 @dataclass(frozen=True)
 class RegionCells:
-    """Where each region lies on a feature map: sparse (region, cell, pixel count w_ic) triplets."""
+    """Where each region lies on a feature map: (region, cell, pixel count w_ic) triplets. A pair may
+    appear in several triplets (a region that leaves a cell and comes back): sums over triplets are
+    unaffected."""
 
     region: Tensor  # (P,) int64 region id
     cell: Tensor  # (P,) int64 row of the flattened (cells, D) feature matrix
-    pixels: Tensor  # (P,) float32 w_ic: pixels of the region in that cell
+    pixels: Tensor  # (P,) float32 pixels of the region in that cell
     area: Tensor  # (N,) float32 pixels of each region
     num_regions: int
 
 
-def region_cells(regions: Tensor, cells: Tensor, num_regions: int) -> RegionCells:
-    """The (region, cell, count) triplets of a region map (ids 0..n-1, -1 = none) and its pixel-to-cell map."""
-    inside = regions >= 0
-    r, c = regions[inside], cells[inside]
-    num_cells = int(cells.max()) + 1 if cells.numel() else 1
-    keys, counts = torch.unique(r * num_cells + c, return_counts=True)
-    region = keys // num_cells
-    pixels = counts.float()
+def region_cells(regions: Tensor, cells: Tensor, num_regions: int, order: Tensor | None = None) -> RegionCells:
+    """The (region, cell, count) triplets of a region map (ids 0..n-1, -1 = none) and its pixel-to-cell map:
+    runs of equal (cell, region) along `order` (`cell_order`; raster order if None, which gives more runs).
+    Run-length encoding instead of a sort (`torch.unique` is slow on the CPU); every step is vectorised."""
+    r = with_none_as_last(regions, num_regions).reshape(-1)
+    c = cells.reshape(-1)
+    if order is not None:
+        r, c = r[order], c[order]
+    keys, counts = torch.unique_consecutive(c * (num_regions + 1) + r, return_counts=True)
+    region, cell = keys % (num_regions + 1), keys // (num_regions + 1)
+    real = region < num_regions  # drop the runs of "no region" (few: one per cell at most)
+    region, cell, pixels = region[real], cell[real], counts[real].float()
     area = torch.zeros(num_regions, device=regions.device).index_add_(0, region, pixels)
-    return RegionCells(region=region, cell=keys % num_cells, pixels=pixels, area=area, num_regions=num_regions)
+    return RegionCells(region=region, cell=cell, pixels=pixels, area=area, num_regions=num_regions)
+
+
+def regions_on_features(regions: Tensor, feature_size: tuple[int, int], num_regions: int,
+                        from_partner: Tensor | None = None) -> RegionCells:
+    """`region_cells` of a (B, H, W) region map on (B, D, h, w) features. With `from_partner` (B, H, W) bool,
+    those pixels read the second half of stacked [own; partner] features (2B, D, h, w) instead."""
+    shape = tuple(regions.shape)
+    cells = pixel_cells(shape, feature_size, regions.device)
+    if from_partner is not None:
+        cells = cells + from_partner.long() * (shape[0] * feature_size[0] * feature_size[1])
+    return region_cells(regions, cells, num_regions, cell_order(shape, feature_size, regions.device))
 
 
 def masked_average_pool(features: Tensor, cells: RegionCells) -> Tensor:
@@ -207,26 +247,23 @@ def masked_average_pool(features: Tensor, cells: RegionCells) -> Tensor:
 
 def region_pixel_mean(values: Tensor, regions: Tensor, num_regions: int) -> Tensor:
     """(B, C, H, W) per-pixel values -> (N, C) means over each region's pixels (c_bar, q_tilde of Eq. 6-7)."""
-    inside = regions >= 0
-    per_pixel = values.permute(0, 2, 3, 1)[inside]  # (P, C)
-    ids = regions[inside]
-    sums = per_pixel.new_zeros(num_regions, values.shape[1]).index_add_(0, ids, per_pixel)
-    counts = torch.zeros(num_regions, device=values.device).index_add_(0, ids, torch.ones_like(ids, dtype=torch.float))
+    ids = with_none_as_last(regions, num_regions).reshape(-1)
+    per_pixel = values.permute(0, 2, 3, 1).reshape(-1, values.shape[1])
+    sums = per_pixel.new_zeros(num_regions + 1, values.shape[1]).index_add_(0, ids, per_pixel)[:num_regions]
+    counts = torch.bincount(ids, minlength=num_regions + 1)[:num_regions]
     return sums / counts.clamp_min(1)[:, None].to(sums.dtype)
 
 
 def region_value(values: Tensor, regions: Tensor, num_regions: int) -> Tensor:
     """(N,) value of a (B, H, W) map that is constant over each region (its class, its image index)."""
-    inside = regions >= 0
-    return values.new_zeros(num_regions).scatter_(0, regions[inside], values[inside])
+    ids = with_none_as_last(regions, num_regions).reshape(-1)
+    return values.new_zeros(num_regions + 1).scatter_(0, ids, values.reshape(-1))[:num_regions]
 
 
 def paint(values: Tensor, regions: Tensor, fill: float) -> Tensor:
     """(N, ...) per-region values -> (B, H, W, ...) per pixel; `fill` on pixels in no region."""
-    out = values.new_full((*regions.shape, *values.shape[1:]), fill)
-    inside = regions >= 0
-    out[inside] = values[regions[inside]]
-    return out
+    table = torch.cat([values, values.new_full((1, *values.shape[1:]), fill)])
+    return table[with_none_as_last(regions, len(values))]
 
 
 def image_of_pixels(regions: Tensor) -> Tensor:
@@ -263,9 +300,10 @@ def entropy_quantile(values: Tensor, valid: Tensor, q: float, scope: str = "imag
     if scope == "batch":
         flat = flat.reshape(1, -1)
     n = (flat < math.inf).sum(1)
-    k = torch.ceil(q * n.double() - 1e-9).long().clamp(1, flat.shape[1])  # the guard absorbs q n = 80.000001
-    threshold = flat.sort(dim=1).values.gather(1, (k - 1)[:, None])  # (rows, 1)
-    return threshold.expand(b, 1).reshape(b, 1, 1) if scope == "batch" else threshold.reshape(b, 1, 1)
+    k = torch.ceil(q * n.double() - 1e-9).long().clamp(1, flat.shape[1])  # the guard absorbs q n = 3.0000000000000004
+    # one selection per row (B rows at most), no sort: invalid pixels are +inf and k <= n
+    threshold = torch.stack([row.kthvalue(int(kk)).values for row, kk in zip(flat, k.tolist(), strict=True)])
+    return threshold.expand(b).reshape(b, 1, 1) if scope == "batch" else threshold.reshape(b, 1, 1)
 
 
 def prspl_mask(entropy_pixel: Tensor, entropy_region: Tensor, label_pixel: Tensor, label_region: Tensor,
@@ -403,17 +441,14 @@ def transport(own: WeakView, partner: WeakView, box: Tensor | None) -> StrongTar
     n_own = own.region_prob.shape[0]
     partner_ids = torch.where(partner.regions >= 0, partner.regions + n_own, -1)
     mixed = torch.where(box, partner_ids, own.regions)
-    visible = mixed >= 0
-    ids, compact = torch.unique(mixed[visible], return_inverse=True)
-    regions = torch.full_like(mixed, -1)
-    regions[visible] = compact
-    m = int(ids.numel())
+    n_all = n_own + partner.region_prob.shape[0]
+    seen = torch.bincount(with_none_as_last(mixed, n_all).reshape(-1), minlength=n_all + 1)[:n_all] > 0
+    new_id = torch.cat([seen.long().cumsum(0) - 1, mixed.new_full((1,), -1)])  # visible ids keep their order
+    regions = new_id[with_none_as_last(mixed, n_all)]
+    m = int(seen.sum())
     conf = torch.where(box, partner.conf, own.conf)
     prob = torch.where(box[:, None], partner.prob, own.prob)
     means = region_pixel_mean(torch.cat([prob, conf[:, None]], 1), regions, m)
-    b = own.valid.shape[0]
-    h, w = own.embedding.shape[-2:]
-    cells = pixel_cells(tuple(regions.shape), (h, w), regions.device) + box.long() * (b * h * w)  # source image
     return StrongTargets(
         label=torch.where(box, partner.label, own.label),
         keep=torch.where(box, partner.keep, own.keep),
@@ -423,7 +458,7 @@ def transport(own: WeakView, partner: WeakView, box: Tensor | None) -> StrongTar
         mean_prob=means[:, :-1],
         image=region_value(image_of_pixels(regions), regions, m),
         weak_features=torch.cat([own.embedding, partner.embedding]),
-        weak_cells=region_cells(regions, cells, m),
+        weak_cells=regions_on_features(regions, tuple(own.embedding.shape[-2:]), m, from_partner=box),
     )
 
 
@@ -453,7 +488,8 @@ class RegionMatch(Method):
         partner = self._label_partner(batch)
         if cfg.weak_labels_from_train_forward:
             logits, emb = self._forward(torch.cat([batch.x, batch.u_w]))
-            (logits_x, logits_w), (emb_x, emb_w) = logits.split(len(batch.x)), emb.split(len(batch.x))
+            sizes = [len(batch.x), len(batch.u_w)]
+            (logits_x, logits_w), (emb_x, emb_w) = logits.split(sizes), emb.split(sizes)
             weak = self._weak_view(logits_w.detach(), emb_w.detach(), valid_w)
         else:
             weak = self._label(batch.u_w, valid_w)
@@ -467,7 +503,7 @@ class RegionMatch(Method):
 
         loss_p_l = labeled_ce(logits_x, batch.y)  # Eq. (2)
         loss_p_u = unlabeled_ce(logits_s, target.label, target.keep, target.valid)  # Eq. (16)
-        zero = logits_s.new_zeros(())
+        zero = logits_s.new_zeros((), dtype=torch.float32)
         loss_r_l, region_acc_l = self._labeled_region_loss(emb_x, batch.y) if cfg.region_cls_labeled else (zero, zero)
         loss_r_u, loss_cir, loss_pr, stats = self._unlabeled_region_losses(emb_s, target)
         loss_r = loss_r_l + cfg.lambda_u * loss_r_u  # Eq. (8)
@@ -488,7 +524,7 @@ class RegionMatch(Method):
         """L_r^l, Eq. (5): regions of the ground truth (>= min size), hard CE of f_r(h(MAP(F_l))); and the
         region classifier's accuracy on them (a log)."""
         regions, n = connected_regions(y, y != IGNORE_INDEX)
-        cells = region_cells(regions, pixel_cells(tuple(y.shape), tuple(emb_x.shape[-2:]), y.device), n)
+        cells = regions_on_features(regions, tuple(emb_x.shape[-2:]), n)
         chosen = (cells.area >= self._min_area(y, emb_x)).nonzero().squeeze(1)
         classes = region_value(y, regions, n)[chosen]
         image = region_value(image_of_pixels(regions), regions, n)[chosen]
@@ -504,12 +540,12 @@ class RegionMatch(Method):
         zero = emb_s.new_zeros((), dtype=torch.float32)
         if not (cfg.region_cls_unlabeled or cfg.cir2r or cfg.prcc):
             return zero, zero, zero, {}
-        cells = region_cells(target.regions, pixel_cells(tuple(target.regions.shape), tuple(emb_s.shape[-2:]),
-                                                         emb_s.device), target.weak_cells.num_regions)
+        cells = regions_on_features(target.regions, tuple(emb_s.shape[-2:]), target.weak_cells.num_regions)
         large = (cells.area >= self._min_area(target.regions, emb_s)).nonzero().squeeze(1)  # (E,)
         selected, hard, soft_or_hard = region_targets(target.mean_conf[large], target.mean_prob[large],
                                                       cfg.tau_low, cfg.tau_high, cfg.region_labels)
-        projected = self.projection(masked_average_pool(emb_s.float(), cells)[large])  # R^s, (E, p)
+        if cfg.region_cls_unlabeled or cfg.cir2r:
+            projected = self.projection(masked_average_pool(emb_s.float(), cells)[large])  # R^s, (E, p)
         loss_r_u = loss_cir = loss_pr = zero
         if cfg.region_cls_unlabeled:
             ce = region_ce(self.region_classifier(projected[selected]), soft_or_hard[selected])
@@ -528,7 +564,7 @@ class RegionMatch(Method):
             "regions_large": len(large) / len(target.regions),  # per image, >= min size (strong frame)
             "region_selected_share": selected.float().sum() / max(len(large), 1),  # |I| / large regions
             "region_hard_share": hard.float().sum() / selected.float().sum().clamp_min(1),
-            "cir_regions": float(min(len(cir), cfg.max_regions)),
+            "cir_regions": float(len(cir)),
         }
         return loss_r_u, loss_cir, loss_pr, stats
 
@@ -552,7 +588,7 @@ class RegionMatch(Method):
         prob = logp.exp()
         conf, label = prob.max(1)
         regions, n = connected_regions(label, valid)
-        cells = region_cells(regions, pixel_cells(tuple(label.shape), tuple(embedding.shape[-2:]), label.device), n)
+        cells = regions_on_features(regions, tuple(embedding.shape[-2:]), n)
         region_logp = self.region_classifier(self.projection(masked_average_pool(embedding.float(), cells)))
         region_logp = region_logp.float().log_softmax(1)
         in_region = valid & (regions >= 0)
