@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from tiny import K, TinySegmenter, make_batch, sgd_step  # tests/methods/tiny.py
 from torch import Tensor, nn
 
@@ -19,6 +20,7 @@ from s4seg.engine.checkpoint import load_method
 from s4seg.engine.loop import fit
 from s4seg.engine.method import build_method, method_config
 from s4seg.errors import ParamsError
+from s4seg.evaluation.dump import write_dump
 from s4seg.methods import corrmatch
 from s4seg.methods.corrmatch import (
     NO_REGION,
@@ -462,7 +464,7 @@ def _crash_at(method: CorrMatch, step_index: int) -> CorrMatch:
     return method
 
 
-def test_two_steps_through_fit_reload_and_bit_identical_resume(store: Any, tmp_path: Path) -> None:
+def test_two_steps_through_fit_reload_dump_and_bit_identical_resume(store: Any, tmp_path: Path) -> None:
     method = build_default()
     _fit(method, store, tmp_path / "full")
     with open(tmp_path / "full" / "log.csv", newline="") as f:
@@ -477,6 +479,12 @@ def test_two_steps_through_fit_reload_and_bit_identical_resume(store: Any, tmp_p
         assert loaded.predict(torch.rand(1, 3, 33, 47)).shape == (1, len(h.CLASSES), 33, 47)
         pseudo = loaded.pseudo_labels(torch.rand(2, 3, TILE, TILE))
     assert pseudo.regions.shape == (2, TILE, TILE)
+    write_dump(loaded, store, [3, 4, 5], tmp_path / "pseudo.zarr", batch_size=2, device="cpu", progress=False)
+    group = zarr.open_group(str(tmp_path / "pseudo.zarr"), mode="r")
+    assert group.attrs["regions"] == "method"
+    assert {"extra/confident", "extra/expanded", "extra/tau"} <= set(group.attrs["layers"])
+    assert group["extra/tau"][:].tolist() == pytest.approx([loaded.tau.item()] * 3)
+    assert (group["keep"][:] == group["extra/expanded"][:]).all()
 
     with pytest.raises(KeyboardInterrupt):
         _fit(_crash_at(build_default(), 1), store, tmp_path / "crash")
