@@ -351,7 +351,7 @@ class CorrMatch(Method):
         target_s = Targets.of(pseudo, valid_w).cutmix(partner, box)  # Y_prop and M of the strong view
         confident_s = weak_t.cutmix(partner, box).keep  # F of the strong view: the KL mask
         prob_w = logits_src.detach().float().softmax(dim=1)
-        prob_s = prob_w if cfg.kl_unmixed_target else cutmix(prob_w, logits_mix.float().softmax(dim=1), box)
+        kl_target = prob_w if cfg.kl_unmixed_target else cutmix(prob_w, logits_mix.float().softmax(dim=1), box)
 
         # The single strong stream: CutMix with the partner's strong view, with the correlation branch
         feats_s = self.model.encode(paste(batch.u_s1, batch.u_s1_mix, box))
@@ -361,7 +361,7 @@ class CorrMatch(Method):
         loss_x = labeled_ce(logits_x, batch.y)  # L_s^h
         loss_x_c = labeled_ce(z_x, batch.y)  # L_s^c, §3.2
         loss_u_h = unlabeled_ce(logits_s, target_s.label, target_s.keep, target_s.valid)  # Eq. (1)
-        loss_u_s = soft_consistency(logits_s, prob_s, confident_s, target_s.valid)  # Eq. (3)
+        loss_u_s = soft_consistency(logits_s, kl_target, confident_s, target_s.valid)  # Eq. (3)
         loss_u_c = (unlabeled_ce(z_s, target_s.label, target_s.keep, target_s.valid)  # Eq. (6), code's mean
                     + unlabeled_ce(z_w, weak_t.label, weak_t.keep, weak_t.valid)) / 2
         loss_u_fp = None if logits_fp is None else unlabeled_ce(logits_fp, weak_t.label, weak_t.keep, weak_t.valid)
