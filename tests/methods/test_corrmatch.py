@@ -355,6 +355,21 @@ def test_region_propagated_labels_reach_the_strong_loss_only(monkeypatch: pytest
     assert not torch.equal(weak, out.pseudo.label)  # the weak corr loss keeps the un-propagated label
 
 
+@pytest.mark.parametrize("unmixed", [False, True])
+def test_kl_target_inside_the_box(monkeypatch: pytest.MonkeyPatch, unmixed: bool) -> None:
+    method, batch = make(kl_unmixed_target=unmixed), make_batch()
+    method.eval()
+    prob_w, prob_mix = (method.predict(u).softmax(dim=1) for u in (batch.u_w, batch.u_w_mix))
+    method.train()
+    seen = []
+    soft = corrmatch.soft_consistency
+    monkeypatch.setattr(corrmatch, "soft_consistency", lambda lo, p, k, v: seen.append(p) or soft(lo, p, k, v))
+    method.training_step(batch, 0)
+    inside = batch.box1[:, None].expand_as(prob_w)
+    assert torch.allclose(seen[0][inside], (prob_w if unmixed else prob_mix)[inside])  # the code: un-mixed
+    assert torch.allclose(seen[0][~inside], prob_w[~inside])
+
+
 # ------------------------------------------------------------------------------------------------
 # training_step, pseudo_labels, predict
 # ------------------------------------------------------------------------------------------------
