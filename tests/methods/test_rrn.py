@@ -431,10 +431,11 @@ def _equal(a: Any, b: Any) -> bool:
 
 def test_resume_after_a_crash_is_bit_identical(store, tmp_path) -> None:
     """Both branches, both discriminators (with dropout drawing from the RNG), all three optimisers."""
-    _fit(tmp_path / "full", store, 5)
+    _fit(tmp_path / "full", store, 6)
     with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path / "crash", store, 5, crash_at=3)
-    assert _fit(tmp_path / "crash", store, 5)[1]["resumed_from"] == 2  # checkpoint every 2 steps
+        _fit(tmp_path / "crash", store, 6, crash_at=5)
+    # checkpoints every 2 steps and at epoch ends (3 batches): the step done before the crash is run again
+    assert _fit(tmp_path / "crash", store, 6)[1]["resumed_from"] == 4
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(tmp_path / "crash" / "model.pt", weights_only=True)["state_dict"]
     assert any(k.startswith("model_2.") for k in full) and any(k.startswith("discriminators.1.") for k in full)
