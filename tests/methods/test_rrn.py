@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zarr
 from tiny import K, TinySegmenter, make_batch  # tests/methods/tiny.py
 
 import s4seg.models
@@ -19,6 +21,7 @@ from s4seg.engine.checkpoint import load_method
 from s4seg.engine.loop import fit
 from s4seg.engine.method import method_config
 from s4seg.errors import ParamsError
+from s4seg.evaluation.dump import write_dump
 from s4seg.methods.losses import paste
 from s4seg.methods.rrn import (
     RRN,
@@ -465,3 +468,12 @@ def test_two_steps_through_fit_then_reload_and_predict(store, tmp_path, monkeypa
     method.eval()
     assert loaded.predict(images).shape == (1, len(h.CLASSES), 20, 24)
     assert torch.equal(loaded.predict(images), method.predict(images))
+
+    # the dump holds what training selects on: branch 2's label and the four rc maps as extra layers
+    write_dump(loaded, store, h.make_split().unlabeled.tolist(), tmp_path / "pseudo.zarr", batch_size=4,
+               device="cpu", progress=False)
+    g = zarr.open_group(str(tmp_path / "pseudo.zarr"), mode="r")
+    for name in ("rc_d1_b1", "rc_d2_b1", "rc_d1_b2", "rc_d2_b2"):
+        layer = g[f"extra/{name}"][:]
+        assert layer.shape == (7, SIZE, SIZE) and layer.dtype == np.float16 and ((layer >= 0) & (layer <= 1)).all()
+    assert g["extra/label_2"].dtype == np.uint8
