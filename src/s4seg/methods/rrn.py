@@ -317,12 +317,12 @@ class RRN(Method):
                 out.append(net(images).float())
         return out[0], out[1]
 
-    def _judge(self, d: nn.Module, fake: Tensor) -> tuple[Tensor, Tensor]:
-        """d on a fake input, in the mode that serves the segmentor: (rc logits, f)."""
+    def _judge(self, d: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """d on an input, in the mode of the passes that serve the segmentor: (rc logits, f)."""
         if self.cfg.judge_with_dropout:
-            return d(fake)
+            return d(inputs)
         with eval_mode(d):
-            return d(fake)
+            return d(inputs)
 
     def _weight(self, rc_own: Tensor, rc_other: Tensor | None, size: tuple[int, int]) -> Tensor:
         """Per-pixel selection weight of one branch from its own d's rc logits and, with DRLC, the other's."""
@@ -444,7 +444,8 @@ class RRN(Method):
         logits_1, logits_2 = self._branch_logits(images)
         if self.cfg.ensemble_average == "logits":
             return (logits_1 + logits_2) / 2
-        return ((logits_1.softmax(dim=1) + logits_2.softmax(dim=1)) / 2).log()
+        prob = (logits_1.softmax(dim=1) + logits_2.softmax(dim=1)) / 2
+        return prob.clamp_min(torch.finfo(prob.dtype).tiny).log()  # finite logits whose softmax is prob
 
     def networks(self) -> list[nn.Module]:
         return [self.model, self.model_2]
