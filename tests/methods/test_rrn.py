@@ -477,3 +477,23 @@ def test_two_steps_through_fit_then_reload_and_predict(store, tmp_path, monkeypa
         layer = g[f"extra/{name}"][:]
         assert layer.shape == (7, SIZE, SIZE) and layer.dtype == np.float16 and ((layer >= 0) & (layer <= 1)).all()
     assert g["extra/label_2"].dtype == np.uint8
+
+
+def test_twin_starts_from_the_weights_loaded_after_construction(store, tmp_path, monkeypatch) -> None:
+    """The train stage loads the warmup weights into `method.model` after build_method: fit's
+    `on_fit_start` copies them into the twin (encoder; head re-drawn) before the first step."""
+    method = RRN(RRNConfig(), h.TinySegmenter(len(h.CLASSES)), len(h.CLASSES))
+    torch.manual_seed(1)
+    warmup = h.TinySegmenter(len(h.CLASSES)).state_dict()
+    method.model.load_state_dict(warmup)  # what stages/train.py's load_init_weights does
+    method.on_fit_start()
+    for k, v in warmup.items():
+        assert torch.equal(method.model.state_dict()[k], v), k
+        assert torch.equal(method.model_2.state_dict()[k], v) != k.startswith("head."), k
+
+    calls = []
+    monkeypatch.setattr(RRN, "on_fit_start", lambda self: calls.append(self))
+    cfg = h.tiny_train_config(iterations=1, crop=SIZE)
+    fit(method, store, h.make_split(), cfg, model_cfg=ModelConfig(weights=None), seed=0,
+        out_path=tmp_path / "model.pt", log_path=tmp_path / "log.csv", checkpoint_dir=tmp_path / "ckpt")
+    assert calls == [method]

@@ -28,6 +28,8 @@ Choices where paper and code differ, or the paper is silent (switch in brackets)
   (every head module: convs and linears Kaiming-normal fan_in, norm layers weight 1 / bias 0 / fresh running
   statistics, anything else its own `reset_parameters`), so both encoders start from the same warmup weights
   and the heads differ; "both" re-initialises both heads (two different draws), as the paper's random heads.
+  The copy and the draws happen when `fit` starts (`on_fit_start`), after the stage has loaded the warmup
+  weights into `self.model`, and again at construction so that a method that is never fitted has its twin.
 - Labeled images in CPS [`cps_on_labeled`]: in Eq. 5 (paper, default), absent from the CutMix code (false).
   L_cps^l is the cross CE over every pixel of the labeled crops (as no-CutMix CPS does), from detached argmaxes.
 - CPS pseudo-labels come from eval-mode passes (as every method here; the dump writes the same); the code runs
@@ -295,14 +297,24 @@ class RRN(Method):
 
     def __init__(self, cfg: RRNConfig, model: nn.Module, num_classes: int) -> None:
         super().__init__(cfg, model, num_classes)
-        self.model_2 = copy.deepcopy(model)  # both encoders from the same (warmup) weights
-        if cfg.reinit_heads == "both":
-            reinit_head(self.model)
-        reinit_head(self.model_2)
+        self.model_2 = copy.deepcopy(model)
+        self._redraw_heads()
         self.discriminators = nn.ModuleList(
             [PatchDiscriminator(num_classes + 3, cfg.d_width, cfg.rc_kernel) for _ in range(2)]
             if cfg.discriminators else []
         )
+
+    def _redraw_heads(self) -> None:
+        if self.cfg.reinit_heads == "both":
+            reinit_head(self.model)
+        reinit_head(self.model_2)
+
+    def on_fit_start(self) -> None:
+        """The twin copies the model's weights as training starts (the train stage loads the warmup weights
+        into `self.model` after the method is built), so both encoders start from them; then the head(s)
+        are re-drawn."""
+        self.model_2.load_state_dict(self.model.state_dict())
+        self._redraw_heads()
 
     @property
     def branches(self) -> tuple[nn.Module, nn.Module]:
