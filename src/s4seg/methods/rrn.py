@@ -1,6 +1,6 @@
 """RRN: CPS twin networks + patch discriminators (LPLF, DRLC) + ensembling inference.
 
-Paper: "Region Relevance Network for Semi-Supervised Semantic Segmentation" (RRN; IEEE TIP / arXiv, the text in
+Paper: "Semi-Supervised Semantic Segmentation With Region Relevance" (Chen et al., arXiv 2304.11539; text in
 `papers/rrn.txt`), §II A-E, §III-A, Table III. Facts: `reference/rrn_cps.md` §1-§8. The released code does
 whole-image (s4GAN-style) selection only; the region-level part here is reconstructed from the paper and the
 patch discriminator that survives as bytecode (reference §2b, §3 "paper / recommended", §8.1).
