@@ -2,7 +2,8 @@
 
 Every registered method builds from its shipped `params.yaml` section, runs one CPU `training_step` on a
 tiny model and tiny tensors, returns a finite scalar loss and finite scalar logs, sends gradients to exactly
-the parameters it declares trainable (an EMA teacher gets none), stays in train mode, round-trips its
+the parameters it declares trainable (an EMA teacher gets none; each auxiliary loss, e.g. a discriminator's,
+to exactly its own auxiliary optimiser's parameters), stays in train mode, round-trips its
 state dict, and its `pseudo_labels` / `predict` have the documented shapes and dtypes.
 """
 
@@ -76,14 +77,24 @@ def test_one_cpu_training_step(name: str) -> None:
         assert math.isfinite(value), f"log {key} = {value}"
     assert method.training and all(m.training for m in method.model.modules()), "left the student in eval mode"
 
-    out.loss.backward()
+    out.loss.backward(retain_graph=bool(out.aux_losses))
     trainable = [p for group in method.trainable_groups().values() for p in group]
     trainable_ids = {id(p) for p in trainable}
     assert len(trainable_ids) == len(trainable), "a parameter is in two groups"
+    aux_specs = method.aux_optimizers()
+    aux_ids = {name: {id(p) for p in spec.params} for name, spec in aux_specs.items()}
+    assert not set().union(*aux_ids.values()) & trainable_ids, "an auxiliary net's parameter is also trainable"
     with_grad = {id(p) for p in method.parameters() if p.grad is not None}
     requires_grad = {id(p) for p in method.parameters() if p.requires_grad}
     assert with_grad == trainable_ids, "gradients must reach exactly the trainable parameters"
-    assert requires_grad == trainable_ids
+    assert requires_grad == trainable_ids.union(*aux_ids.values())
+    # each auxiliary loss (a discriminator's) reaches exactly its own optimiser's parameters
+    assert set(out.aux_losses) == set(aux_specs)
+    for name, aux_loss in out.aux_losses.items():
+        assert aux_loss.dim() == 0 and torch.isfinite(aux_loss)
+        method.zero_grad(set_to_none=True)
+        aux_loss.backward(retain_graph=True)
+        assert {id(p) for p in method.parameters() if p.grad is not None} == aux_ids[name], name
     teacher = method.teacher()
     if teacher is not None:
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

@@ -76,6 +76,7 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     device = pick_device(params.train.device)
     model = build_model(params.model, num_classes, load_pretrained=False)  # speed does not depend on weights
     method = build_method(method_name, params.methods.get(method_name, {}), model, num_classes).to(device)
+    method.on_fit_start()
     method.train()
     method.total_steps = WARMUP_ITERS + iters
     optimizers = Optimizers(method, params.train, params.train.lr)

@@ -269,6 +269,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         log.info("training %s on %s (world size %d)", method.name, device, ctx.world_size)
     seed_everything(seed + ctx.rank)  # method randomness (dropout masks) differs per rank
     method.to(device)
+    method.on_fit_start()  # before resume (a checkpoint overrides it) and before DDP's broadcast
 
     # Data schedule ---------------------------------------------------------------------------------
     schedule = PairedSchedule(split.labeled, split.unlabeled, cfg.batch_size, seed, labeled_only=labeled_only,

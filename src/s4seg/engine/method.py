@@ -155,6 +155,11 @@ class Method(nn.Module):
         keep = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
         return PseudoLabels(label=label, conf=conf, keep=keep, logits=logits)
 
+    def on_fit_start(self) -> None:
+        """Called by `fit` once, before it resumes a checkpoint and before the first step. The train stage
+        loads the init (warmup) weights into `self.model` after the method is built, so a network that must
+        start from them (a twin of the model) copies them here. Default: nothing."""
+
     def teacher(self) -> nn.Module | None:
         """An EMA teacher the engine must update after each optimiser step, or None."""
         return None
@@ -254,6 +259,9 @@ class AddOnMethod(Method):
 
     def teacher(self) -> nn.Module | None:
         return self.base.teacher()
+
+    def on_fit_start(self) -> None:
+        self.base.on_fit_start()
 
     def networks(self) -> list[nn.Module]:
         return self.base.networks()

@@ -6,6 +6,7 @@ from s4seg.methods import (  # noqa: F401  (registers)
     fixmatch,
     ipixmatch,
     regionmatch,
+    rrn,
     supervised,
     unimatch,
     unimatch_v2,
