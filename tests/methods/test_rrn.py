@@ -437,17 +437,14 @@ def test_resume_after_a_crash_is_bit_identical(store, tmp_path) -> None:
     _fit(tmp_path / "full", store, 6)
     with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path / "crash", store, 6, crash_at=5)
+    ckpt = torch.load(tmp_path / "crash" / "ckpt" / "last.pt", weights_only=False)
+    assert set(ckpt["optimizers"]["aux"]) == {"d1", "d2"} and ckpt["optimizers"]["aux"]["d1"]["state"]
     # checkpoints every 2 steps and at epoch ends (3 batches): the step done before the crash is run again
     assert _fit(tmp_path / "crash", store, 6)[1]["resumed_from"] == 4
     full = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
     resumed = torch.load(tmp_path / "crash" / "model.pt", weights_only=True)["state_dict"]
     assert any(k.startswith("model_2.") for k in full) and any(k.startswith("discriminators.1.") for k in full)
-    assert _equal(full, resumed)
-    ckpt_full = torch.load(tmp_path / "full" / "ckpt" / "last.pt", weights_only=False)
-    ckpt_resumed = torch.load(tmp_path / "crash" / "ckpt" / "last.pt", weights_only=False)
-    assert set(ckpt_full["aux_optimizers"]) == {"d1", "d2"}
-    assert _equal(ckpt_full["optimizer"], ckpt_resumed["optimizer"])
-    assert _equal(ckpt_full["aux_optimizers"], ckpt_resumed["aux_optimizers"])
+    assert _equal(full, resumed)  # discriminator weights too: Adam's moments were restored
     assert (tmp_path / "full" / "log.csv").read_text() == (tmp_path / "crash" / "log.csv").read_text()
 
 
