@@ -101,7 +101,6 @@ class SceneBand:
 
     top: int
     probs: Tensor  # (K, h, W) float32 mean softmax, on the prediction device
-    pixels: np.ndarray | Tensor  # the same rows of the input, as `read_rows` returned them
 
 
 @torch.no_grad()
@@ -133,31 +132,33 @@ def iter_scene_bands(
     boxes = [(y, x) for y in ys for x in xs]
     # The windows form a grid: a pixel's window count is its row's count times its column's count.
     row_hits, col_hits = _coverage(ph, ys, window, device), _coverage(pw, xs, window, device)
-    acc = torch.zeros((num_classes, 0, pw), dtype=torch.float32, device=device)  # rows [done, done + len)
+    batches = [boxes[i : i + batch_size] for i in range(0, len(boxes), batch_size)]
+    # Summed probabilities of rows [done, done + rows): two buffers, swapped when finished rows leave,
+    # so that the sweep allocates no growing buffer (allocator churn would raise peak memory).
+    rows = max(chunk[-1][0] - chunk[0][0] for chunk in batches) + window
+    acc, spare = (torch.zeros((num_classes, rows, pw), dtype=torch.float32, device=device) for _ in range(2))
     done = 0  # rows above are final and yielded; equals the first row of the next batch
     with _progress(len(boxes), desc) as bar:
-        for start in range(0, len(boxes), batch_size):
-            chunk = boxes[start : start + batch_size]
+        for i, chunk in enumerate(batches):
             top, bottom = chunk[0][0], chunk[-1][0] + window
             assert top == done, "a batch starts on the first unfinished row"
-            pixels = read_rows(top, min(bottom, height))
-            block = _pad_block(pixels, bottom - top, pw)
+            block = _pad_block(read_rows(top, min(bottom, height)), bottom - top, pw)
             logits = predict(_window_batch(block, chunk, top, window, device))
             _check_logits(logits, len(chunk), num_classes, (window, window))
             p = logits.float().softmax(dim=1)
-            if bottom - done > acc.shape[1]:
-                grow = torch.zeros((num_classes, bottom - done - acc.shape[1], pw), device=acc.device)
-                acc = torch.cat([acc, grow], dim=1)
             for (y, x), p_win in zip(chunk, p, strict=True):
                 acc[:, y - done : y - done + window, x : x + window] += p_win
             bar.update(len(chunk))
-            final = boxes[start + batch_size][0] if start + batch_size < len(boxes) else ph
+            final = batches[i + 1][0][0] if i + 1 < len(batches) else ph
             if final == done:
                 continue  # the batch ended inside a row of windows: no row is final yet
-            rows = slice(0, min(final, height) - done)
-            hits = row_hits[done : min(final, height), None] * col_hits[None, :width]
-            yield SceneBand(done, acc[:, rows, :width] / hits, _rows_of(pixels, rows))
-            acc, done = acc[:, final - done :], final
+            last = min(final, height)
+            hits = row_hits[done:last, None] * col_hits[None, :width]
+            yield SceneBand(done, acc[:, : last - done, :width] / hits)
+            kept = rows - (final - done)
+            spare[:, :kept].copy_(acc[:, final - done :])
+            spare[:, kept:].zero_()
+            acc, spare, done = spare, acc, final
 
 
 @torch.no_grad()
@@ -189,6 +190,15 @@ def scene_probabilities(
     return torch.cat([band.probs for band in bands], dim=1)
 
 
+def labels_and_confidence(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(K, ...) probabilities -> the class of highest probability (...) uint8 and that probability (...).
+
+    `max` over dim 0 picks the first of tied classes, as `argmax` does, and is about 10x faster on CPU.
+    """
+    conf, labels = probs.max(dim=0)
+    return labels.to(torch.uint8), conf
+
+
 def predict_scene(
     predict: Predict,
     image: np.ndarray | Tensor,
@@ -200,7 +210,7 @@ def predict_scene(
 ) -> np.ndarray:
     """Labels (H, W) uint8 of a whole scene: argmax of `scene_probabilities`."""
     probs = scene_probabilities(predict, image, window, overlap, num_classes, batch_size, device)
-    return probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return labels_and_confidence(probs)[0].cpu().numpy()
 
 
 def _coverage(length: int, starts: list[int], window: int, device: torch.device | str) -> Tensor:
@@ -229,10 +239,6 @@ def _window_batch(block: np.ndarray | Tensor, boxes: list[tuple[int, int]], top:
     if isinstance(block, np.ndarray):
         return to_input(np.stack([block[y - top : y - top + window, x : x + window] for y, x in boxes]), device)
     return torch.stack([block[:, y - top : y - top + window, x : x + window] for y, x in boxes]).to(device)
-
-
-def _rows_of(pixels: np.ndarray | Tensor, rows: slice) -> np.ndarray | Tensor:
-    return pixels[rows] if isinstance(pixels, np.ndarray) else pixels[:, rows]
 
 
 def _check_logits(logits: Tensor, batch: int, num_classes: int | None, size: tuple[int, int]) -> None:
