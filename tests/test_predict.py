@@ -56,7 +56,7 @@ def stub_predict(images: torch.Tensor) -> torch.Tensor:
                       images.mean(dim=1, keepdim=True) * 3], dim=1)
 
 
-STUB = Predictor(stub_predict, ["land", "water", "building", "road"], PALETTE, "stub")
+STUB = Predictor(stub_predict, ["land", "water", "building", "road"], PALETTE)
 
 
 def stub_loader(path: Path, device: torch.device) -> Predictor:
@@ -289,12 +289,15 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_file, tmp_path, capsys):
     garbage.write_text("hello")
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, foreign)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)  # a whole pickled module: torch.load's error spans many lines
     good = tmp_path / "good.png"
     Image.fromarray(scene(30, 30)).save(good)
     out = tmp_path / "out"
     runs = [([str(cases["grey"][0])], str(model_file), cases["grey"][1]),
             ([str(good)], str(garbage), r"garbage\.pt: cannot read the model file"),
             ([str(good)], str(foreign), r"foreign\.pt: not an s4seg model file \(format None"),
+            ([str(good)], str(pickled), r"pickled\.pt: cannot read the model file \(UnpicklingError: .*\); expected"),
             ([str(good)], str(tmp_path / "absent.pt"), r"absent\.pt: model file not found")]
     for inputs, model, message in runs:
         with pytest.raises(SystemExit) as exit_info:
@@ -330,7 +333,7 @@ def test_failure_leaves_no_partial_output(tmp_path):
         with pytest.raises(RuntimeError, match="device lost"):
             predict_files("stub", [tmp_path / "s.tif"], tmp_path / "out",
                           PredictOptions(window=WINDOW, batch_size=2, max_memory_mb=budget), "cpu",
-                          loader=lambda p, d: Predictor(failing, STUB.classes, PALETTE, "stub"))
+                          loader=lambda p, d: Predictor(failing, STUB.classes, PALETTE))
         assert list((tmp_path / "out").iterdir()) == []
 
 

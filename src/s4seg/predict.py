@@ -33,6 +33,7 @@ import glob
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -106,7 +107,6 @@ class Predictor:
     predict: Predict
     classes: list[str]
     palette: list[str]
-    source: str  # the model file, for messages
 
     @property
     def num_classes(self) -> int:
@@ -117,7 +117,10 @@ def load_predictor(path: str | Path, device: torch.device) -> Predictor:
     """Rebuild the method of a model file on `device`; its `predict` (teacher, ensemble) is used as is."""
     from s4seg.engine.checkpoint import load_method, read_model_file
 
-    artifact = read_model_file(path)
+    try:
+        artifact = read_model_file(path)
+    except CheckpointError as e:
+        raise _one_line(e, path) from e
     num_classes = int(artifact["num_classes"])
     classes = list(artifact.get("classes") or [f"class {i}" for i in range(num_classes)])
     palette = list(artifact.get("palette") or [])
@@ -130,7 +133,18 @@ def load_predictor(path: str | Path, device: torch.device) -> Predictor:
         from s4seg.report.base import default_palette
 
         palette = default_palette(num_classes)
-    return Predictor(method.predict, classes, palette, str(path))
+    return Predictor(method.predict, classes, palette)
+
+
+def _one_line(error: CheckpointError, path: str | Path) -> CheckpointError:
+    """torch.load's refusal of a pickled object spans a dozen lines (with terminal escapes): keep its first."""
+    text = str(error)
+    if "\n" not in text or error.__cause__ is None:
+        return error
+    cause = re.sub(r"\x1b\[[0-9;]*m", "", str(error.__cause__).splitlines()[0]).strip()
+    cause = cause if len(cause) <= 100 else cause[:100] + "..."
+    return CheckpointError(f"{path}: cannot read the model file ({type(error.__cause__).__name__}: {cause}); "
+                           "expected an s4seg model written by the warmup or train stage")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -425,6 +439,8 @@ class _Preview:
 
 @dataclass
 class SceneResult:
+    """One predicted image: its outputs and how long it took."""
+
     path: Path
     outputs: dict[str, Path]  # kind -> written file
     height: int
