@@ -18,7 +18,7 @@ Prediction is `evaluate`'s: the same sliding window and softmax averaging
 a teacher or an ensemble predicts here as it is scored there. Everything needed comes from the
 model file (classes, palette, architecture; the model normalises its input itself).
 
-Memory: the sweep holds about one window of rows of probabilities. A TIFF whose whole image and
+Memory: the sweep holds about one window of rows of probabilities (a ring of rows). A TIFF whose whole image and
 outputs would exceed `max_memory_mb` is also read chunk-row by chunk-row (tifffile's Zarr store)
 and its outputs are spooled to raw files on disk, then written tile by tile, so its peak memory
 does not grow with its height. JPEG and PNG are decoded whole by Pillow (about 5 bytes per pixel
@@ -511,7 +511,7 @@ def predict_image(
                                  predictor.num_classes, options.batch_size, device, desc=info.path.name)
         for band in bands:
             labels, prob = labels_and_confidence(band.probs)  # as evaluate's predict_scene
-            mask, conf = labels.cpu().numpy(), prob.mul(255).round().to(torch.uint8).cpu().numpy()
+            mask, conf = labels.cpu().numpy(), prob.mul_(255).round_().to(torch.uint8).cpu().numpy()
             pixels = read(band.top, band.top + len(mask))  # rows still held by the reader: no decoding
             invalid = _no_data(pixels, info)
             if invalid is not None:

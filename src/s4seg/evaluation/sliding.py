@@ -97,7 +97,10 @@ def stride_of(window: int, overlap: float) -> int:
 
 @dataclass(frozen=True)
 class SceneBand:
-    """Finished rows `[top, top + h)` of a scene: nothing later in the sweep adds to them."""
+    """Finished rows `[top, top + h)` of a scene: nothing later in the sweep adds to them.
+
+    `probs` is a view into the sweep's buffer, valid until the next band is asked for: copy it to keep it.
+    """
 
     top: int
     probs: Tensor  # (K, h, W) float32 mean softmax, on the prediction device
@@ -121,7 +124,8 @@ def iter_scene_bands(
     `read_rows(top, bottom)` returns rows `[top, bottom)` of the scene: uint8 (h, W, C) or float
     (C, h, W) in [0, 1]; it is called with non-decreasing `top`. Windows run in row-major order,
     `batch_size` at a time; after each batch the rows above the next window are final and are
-    yielded, so the buffers hold about one window of rows and a scene of any height streams through.
+    yielded. The sums live in a ring of rows (scene row r at r % ring) just tall enough for the rows
+    one batch can touch, so a scene of any height streams through in memory set by its width.
     """
     if window <= 0:
         raise ParamsError(f"params.yaml: evaluate.window must be positive; found {window}")
@@ -133,10 +137,9 @@ def iter_scene_bands(
     # The windows form a grid: a pixel's window count is its row's count times its column's count.
     row_hits, col_hits = _coverage(ph, ys, window, device), _coverage(pw, xs, window, device)
     batches = [boxes[i : i + batch_size] for i in range(0, len(boxes), batch_size)]
-    # Summed probabilities of rows [done, done + rows): two buffers, swapped when finished rows leave,
-    # so that the sweep allocates no growing buffer (allocator churn would raise peak memory).
-    rows = max(chunk[-1][0] - chunk[0][0] for chunk in batches) + window
-    acc, spare = (torch.zeros((num_classes, rows, pw), dtype=torch.float32, device=device) for _ in range(2))
+    # Summed probabilities of the unfinished rows, allocated once: allocator churn would raise peak memory.
+    ring = max(chunk[-1][0] - chunk[0][0] for chunk in batches) + window
+    acc = torch.zeros((num_classes, ring, pw), dtype=torch.float32, device=device)
     done = 0  # rows above are final and yielded; equals the first row of the next batch
     with _progress(len(boxes), desc) as bar:
         for i, chunk in enumerate(batches):
@@ -147,18 +150,18 @@ def iter_scene_bands(
             _check_logits(logits, len(chunk), num_classes, (window, window))
             p = logits.float().softmax(dim=1)
             for (y, x), p_win in zip(chunk, p, strict=True):
-                acc[:, y - done : y - done + window, x : x + window] += p_win
+                for start, stop in _ring_runs(y, y + window, ring):
+                    acc[:, start % ring : (stop - 1) % ring + 1, x : x + window] += p_win[:, start - y : stop - y]
             bar.update(len(chunk))
             final = batches[i + 1][0][0] if i + 1 < len(batches) else ph
-            if final == done:
-                continue  # the batch ended inside a row of windows: no row is final yet
-            last = min(final, height)
-            hits = row_hits[done:last, None] * col_hits[None, :width]
-            yield SceneBand(done, acc[:, : last - done, :width] / hits)
-            kept = rows - (final - done)
-            spare[:, :kept].copy_(acc[:, final - done :])
-            spare[:, kept:].zero_()
-            acc, spare, done = spare, acc, final
+            for start, stop in _ring_runs(done, final, ring):
+                rows = acc[:, start % ring : (stop - 1) % ring + 1]
+                if start < height:
+                    stop = min(stop, height)  # rows below are the zero padding of a scene smaller than a window
+                    band = rows[:, : stop - start, :width]
+                    yield SceneBand(start, band.div_(row_hits[start:stop, None] * col_hits[None, :width]))
+                rows.zero_()  # free for the rows `ring` further down
+            done = final
 
 
 @torch.no_grad()
@@ -179,15 +182,16 @@ def scene_probabilities(
         if image.ndim != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected a uint8 (H, W, C) image, found {image.dtype} {image.shape}")
         h, w = image.shape[:2]
-        bands = iter_scene_bands(predict, lambda top, bottom: image[top:bottom], h, w, window, overlap,
-                                 num_classes, batch_size, device)
+        read: ReadRows = lambda top, bottom: image[top:bottom]  # noqa: E731
     else:
         if image.ndim != 3 or not image.is_floating_point():
             raise ValueError(f"expected a float (C, H, W) image tensor, found {image.dtype} {tuple(image.shape)}")
         h, w = image.shape[1:]
-        bands = iter_scene_bands(predict, lambda top, bottom: image[:, top:bottom], h, w, window, overlap,
-                                 num_classes, batch_size, device)
-    return torch.cat([band.probs for band in bands], dim=1)
+        read = lambda top, bottom: image[:, top:bottom]  # noqa: E731
+    probs = torch.empty((num_classes, h, w), dtype=torch.float32, device=device)
+    for band in iter_scene_bands(predict, read, h, w, window, overlap, num_classes, batch_size, device):
+        probs[:, band.top : band.top + band.probs.shape[1]] = band.probs
+    return probs
 
 
 def labels_and_confidence(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,6 +226,15 @@ def _coverage(length: int, starts: list[int], window: int, device: torch.device 
     return hits.to(device)
 
 
+def _ring_runs(start: int, stop: int, ring: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) (at most `ring` of them) cut where they wrap around the ring: none, one or two runs."""
+    assert stop - start <= ring, "more rows in flight than the ring holds"
+    wrap = (start // ring + 1) * ring
+    if stop <= start:
+        return []
+    return [(start, stop)] if stop <= wrap else [(start, wrap), (wrap, stop)]
+
+
 def _pad_block(pixels: np.ndarray | Tensor, rows: int, width: int) -> np.ndarray | Tensor:
     """Zero-pad a block of rows at its bottom/right to (rows, width): only scenes smaller than a window."""
     if isinstance(pixels, np.ndarray):
@@ -237,7 +250,10 @@ def _window_batch(block: np.ndarray | Tensor, boxes: list[tuple[int, int]], top:
                   device: torch.device | str) -> Tensor:
     """(B, C, window, window) float in [0, 1] on `device`, cut from a block whose first row is `top`."""
     if isinstance(block, np.ndarray):
-        return to_input(np.stack([block[y - top : y - top + window, x : x + window] for y, x in boxes]), device)
+        windows = np.stack([block[y - top : y - top + window, x : x + window] for y, x in boxes])
+        # contiguous (B, C, h, w), not the channels-last view `to_input` returns: a convolution's rounding
+        # depends on the memory layout, and this keeps results bit-identical across callers and releases
+        return to_input(windows, device).contiguous()
     return torch.stack([block[:, y - top : y - top + window, x : x + window] for y, x in boxes]).to(device)
 
 
