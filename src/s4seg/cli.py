@@ -3,6 +3,7 @@
     s4seg tile      [--params params.yaml] [--tiles data/tiles.zarr] [--split data/split.parquet]
     s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
     s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C]
+    s4seg predict   [--model models/student.pt] IMAGE|FOLDER|GLOB... -o OUT_DIR [--color] [--window W] ...
     s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them
     s4seg methods                 lists the registered methods
 
@@ -110,6 +111,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     bench_train(methods, params, batch=args.batch, crop=args.crop, iters=args.iters, out_json=args.out)
 
 
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from s4seg.predict import PredictOptions, predict_files
+
+    given = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch,
+             "max_memory_mb": args.max_memory_mb}
+    options = PredictOptions(color=args.color, **{k: v for k, v in given.items() if v is not None})
+    for result in predict_files(args.model, args.inputs, args.output, options, device=args.device):
+        print(result.outputs["mask"])
+
+
 def _cmd_methods(args: argparse.Namespace) -> None:
     from s4seg.methods import registered_methods
 
@@ -157,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", default="reports/bench/train.json")
     p.set_defaults(func=_cmd_bench)
+
+    # Unset numeric flags take s4seg.predict.PredictOptions' defaults (evaluate's); it imports torch, so not here.
+    p = sub.add_parser("predict", help="map images (JPEG, PNG, TIFF, GeoTIFF; any size) with a trained model",
+                       description="Writes NAME.mask, NAME.conf (confidence x255), NAME.preview.png and with --color "
+                                   "NAME.color for each image; TIFF in, georeferenced TIFF out.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs (quote a glob with **)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    p.add_argument("--model", default="models/student.pt", help="an s4seg model file (default: %(default)s)")
+    p.add_argument("--color", action="store_true", help="also write the mask in the class palette")
+    p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, help="windows per forward pass (default: 8, as evaluate)")
+    p.add_argument("--window", type=int, help="sliding-window side in pixels (default: 256, the default tile size)")
+    p.add_argument("--overlap", type=float, help="share of a window its neighbour covers (default: 1/3, as evaluate)")
+    p.add_argument("--max-memory-mb", type=float,
+                   help="a TIFF whose image and outputs need more is read and written row by row (default: 2048)")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("preset", help="print (or --run) the `dvc exp run -S` overrides of a preset")
     p.add_argument("name", help="e.g. paper, dubai")

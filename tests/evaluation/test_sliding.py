@@ -9,6 +9,7 @@ import torch
 from s4seg.data.store import TileStore, TileStoreWriter
 from s4seg.errors import ParamsError
 from s4seg.evaluation.sliding import (
+    iter_scene_bands,
     predict_scene,
     predict_tiles,
     scene_probabilities,
@@ -140,3 +141,26 @@ def test_predict_tiles_in_order(tiny_store):
     assert labels.shape == (3, 8, 8) and labels.dtype == np.uint8
     for row, i in zip(labels, ids, strict=True):
         np.testing.assert_array_equal(row, tiny_store.image(i)[..., 0] % K)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 40])
+def test_bands_stream_top_to_bottom(batch_size):
+    """The sweep reads rows top-down, a window-and-a-batch of rows at a time, and hands out each row once,
+    equal to the whole-scene probabilities (the ring buffer wraps many times on a tall scene)."""
+    model = PositionModel()
+    image = coordinate_image(250, 45)
+    reads = []
+
+    def read_rows(top: int, bottom: int) -> np.ndarray:
+        reads.append((top, bottom))
+        return image[top:bottom]
+
+    bands = [(band.top, band.probs.clone()) for band in
+             iter_scene_bands(model, read_rows, 250, 45, window=32, overlap=0.5, num_classes=K, batch_size=batch_size)]
+    assert [top for top, _ in bands] == sorted({top for top, _ in bands}) and bands[0][0] == 0
+    joined = torch.cat([probs for _, probs in bands], dim=1)
+    torch.testing.assert_close(joined, expected_probs(250, 45), rtol=0, atol=1e-6)
+    assert all(a[0] <= b[0] for a, b in zip(reads, reads[1:], strict=False))  # never goes back up
+    windows_per_row = 2  # column starts 0 and 13 (the last one shifted inward) on width 45
+    span = 32 + 16 * -(-batch_size // windows_per_row)  # a window plus the rows of windows one batch reaches
+    assert max(bottom - top for top, bottom in reads) <= span
