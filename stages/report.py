@@ -8,6 +8,10 @@
 
 Every input is optional: a missing file leaves out the sections that need it (listed at the end of
 the report). No torch is imported.
+
+`report.baseline` (params.yaml) names a baseline file (`s4seg baseline`, see s4seg.report.baseline): the
+headline then compares the trained model with that run (typically `supervised` at equal iterations) as well
+as with the warmup. A baseline that is named but missing is an error, not a silently shorter report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from s4seg.cli import run_stage
 from s4seg.config import load_params
+from s4seg.errors import ParamsError
 from s4seg.report import ReportInputs, build_report
 
 INPUTS = ("table", "summary", "warmup_log", "train_log", "tiles", "split", "predictions", "pseudo",
@@ -33,7 +38,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
-    inputs = ReportInputs(params=Path(args.params), **{name: getattr(args, name) for name in INPUTS})
+    baseline = Path(params.report.baseline) if params.report.baseline is not None else None
+    if baseline is not None and not baseline.is_file():
+        raise ParamsError(f"report.baseline: {baseline} not found; write it with `s4seg baseline` after the "
+                          "baseline run (e.g. `dvc exp run -S method=supervised`), or set report.baseline to null")
+    inputs = ReportInputs(params=Path(args.params), baseline=baseline,
+                          **{name: getattr(args, name) for name in INPUTS})
     build_report(inputs, args.out, params.report, title=f"s4seg report: {params.method} on {params.dataset.name}")
 
 

@@ -4,7 +4,10 @@
     s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
     s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C]
     s4seg predict   [--model models/student.pt] IMAGE|FOLDER|GLOB... -o OUT_DIR [--color] [--window W] ...
-    s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them
+    s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them.
+                                  The budget they give (warmup and train steps or epochs, train.init) goes to stderr.
+    s4seg baseline  [-o baselines/<method>.json]  save the finished run's metrics, steps and params as a
+                                  baseline for `report.baseline` (s4seg.report.baseline)
     s4seg methods                 lists the registered methods
 
 An `S4segError` is printed as one line (`error: ...`) and exits with status 2; any other exception keeps
@@ -81,6 +84,34 @@ def preset_args(name: str) -> list[str]:
     return flatten("", yaml.safe_load(path.read_text()) or {})
 
 
+def budget_note(name: str, preset: dict[str, Any], params: dict[str, Any] | None) -> str:
+    """One line on the budget a preset runs with: warmup and train length and where train starts.
+
+    Keys the preset leaves alone come from `params` (the workspace's params.yaml, when there is one).
+    """
+    params = params or {}
+
+    def value(section: str, key: str) -> tuple[Any, str]:
+        if key in (preset.get(section) or {}):
+            return preset[section][key], "preset"
+        return (params.get(section) or {}).get(key), "params.yaml"
+
+    parts = []
+    for section in ("warmup", "train"):
+        iterations, source = value(section, "iterations")
+        if iterations is not None:
+            parts.append(f"{section} {iterations} steps ({source} {section}.iterations)")
+            continue
+        epochs, source = value(section, "epochs")
+        if epochs is not None:
+            parts.append(f"{section} {epochs} epochs ({source} {section}.epochs; steps depend on the tile count)")
+    init, source = value("train", "init")
+    if init is not None:
+        parts.append(f"train starts from {init} ({source} train.init)")
+    return (f"preset {name}: " + ", ".join(parts) + ". warmup and train log their plan (steps) when they start, "
+            "and a time estimate after the first steps.")
+
+
 def _cmd_tile(args: argparse.Namespace) -> None:
     from s4seg.data.tiling import tile_main
 
@@ -127,8 +158,23 @@ def _cmd_methods(args: argparse.Namespace) -> None:
     print("\n".join(registered_methods()))
 
 
+def _cmd_baseline(args: argparse.Namespace) -> None:
+    from s4seg.report.baseline import save_baseline
+
+    out = args.output
+    if out is None:
+        params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else {}
+        out = Path("baselines") / f"{(params or {}).get('method', 'baseline')}.json"
+    print(save_baseline(args.summary, args.params, args.train_log, out))
+
+
 def _cmd_preset(args: argparse.Namespace) -> None:
     overrides = preset_args(args.name)
+    preset = yaml.safe_load((PRESETS_DIR / f"{args.name}.yaml").read_text()) or {}
+    workspace = Path("params.yaml")
+    params = yaml.safe_load(workspace.read_text()) if workspace.is_file() else None
+    # stderr: stdout is the overrides alone, for `eval "dvc exp run $(s4seg preset NAME)"`
+    print(budget_note(args.name, preset, params), file=sys.stderr)
     if not args.run:
         print(shlex.join(overrides))
         return
@@ -190,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="store_true", help="run `dvc exp run` with them")
     p.add_argument("dvc_args", nargs=argparse.REMAINDER, help="more `dvc exp run` arguments (after --run)")
     p.set_defaults(func=_cmd_preset)
+
+    p = sub.add_parser("baseline", help="save the finished run's metrics, steps and params for report.baseline")
+    p.add_argument("--summary", default="metrics/summary.json")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--train-log", default="logs/train.csv", help="gives the run's number of steps")
+    p.add_argument("-o", "--output", type=Path, help="default: baselines/<method>.json")
+    p.set_defaults(func=_cmd_baseline)
 
     p = sub.add_parser("methods", help="list registered methods")
     p.set_defaults(func=_cmd_methods)

@@ -150,6 +150,29 @@ class TrainConfig:
     precise_bn: str = "all"  # BN statistics of the final networks over training tiles: all | labeled | off
 
 
+TRAIN_INITS = ("warmup", "pretrained")  # what the `train` stage starts from (models/<init>.pt in dvc.yaml)
+
+
+@dataclass(frozen=True)
+class TrainStageConfig(TrainConfig):
+    """The `train` section: the schedule of TrainConfig plus where the method starts.
+
+    init: `warmup` starts from the supervised warmup model (models/warmup.pt: this pipeline's warm start);
+    `pretrained` starts from the freshly built model with the `model.weights` encoder (ImageNet or a
+    local file; models/pretrained.pt, written by the `init` stage) and trains for the whole schedule, as
+    the papers do; `method: supervised` with `pretrained` is then the papers' supervised baseline. Either
+    way the warmup model is still evaluated next to the trained one, as the labeled-only reference.
+    """
+
+    init: str = "warmup"  # warmup | pretrained
+
+    def __post_init__(self) -> None:
+        if self.init not in TRAIN_INITS:
+            raise ParamsError(f"init = {self.init!r}: expected one of {', '.join(TRAIN_INITS)} "
+                              "(warmup: start from models/warmup.pt; pretrained: from the model.weights encoder, "
+                              "as the papers do)")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluate stage: test tiles, and whole test scenes by sliding window (s4seg.evaluation.sliding)."""
@@ -189,10 +212,15 @@ class ReportConfig:
     """The report stage (s4seg.report)."""
 
     num_tiles: int = 6  # test tiles shown in the prediction grid, spread evenly over the test set
+    # a baseline file (`s4seg baseline`, e.g. baselines/supervised.json) compared with at equal iterations
+    baseline: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_tiles < 0:
             raise ParamsError(f"num_tiles = {self.num_tiles}: expected 0 (no grid) or more tiles")
+        if self.baseline is not None and not self.baseline.strip():
+            raise ParamsError("baseline: expected null or the path of a baseline file (baselines/supervised.json), "
+                              "found an empty string")
 
 
 @dataclass(frozen=True)
@@ -205,7 +233,7 @@ class Params:
     warmup: TrainConfig = field(default_factory=TrainConfig)
     method: str = "fixmatch"
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     dump: DumpConfig = field(default_factory=DumpConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -29,7 +29,9 @@ def test_full_report(artifacts, tmp_path):
     # per-class IoU: a class absent everywhere is n/a; GT pixel share 300/400
     assert re.search(r"\| tree \| 25\.00 \| 45\.00 \| \+20\.00 \| 25\.00 \|", md)
     assert re.search(r"\| water \| n/a \| n/a \| n/a \| 0\.00 \|", md)
-    assert "**+12.50** points bought by the unlabeled data" in md
+    assert "**62.50** with `fixmatch` against 50.00 for the supervised warmup (**+12.50**)" in md
+    assert "Above its warmup (the model it started from) by 12.50 points." in md
+    assert "No `supervised` run to compare with at equal iterations" in md
     assert "<td>mIoU (test tiles)</td><td>50.00</td><td>62.50</td><td>+12.50</td>" in page
     for section in ("Overview", "Test metrics", "Per-class IoU", "Training curves", "Test tiles", "Parameters"):
         assert f"## {section}" in md and f"<h2>{section}</h2>" in page

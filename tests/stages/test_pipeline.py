@@ -62,6 +62,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / "stages", work / "stages")
+    shutil.copytree(REPO / "baselines", work / "baselines")  # a dependency of report (report.baseline files)
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(REPO / "data" / "raw", work / "data" / "raw")

@@ -59,6 +59,7 @@ class ReportInputs:
     pseudo_summary: Path | None = None  # metrics/pseudo.json
     dump: Path | None = None  # dumps/pseudo.zarr
     snapshots: Path | None = None  # dumps/snapshots.zarr
+    baseline: Path | None = None  # report.baseline: a baseline file (s4seg.report.baseline), e.g. supervised
 
 
 class ReportContext:

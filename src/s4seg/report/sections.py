@@ -21,6 +21,7 @@ from s4seg.report.base import (
     finite,
     register_section,
 )
+from s4seg.report.baseline import Baseline, last_step, protocol_differences, read_baseline
 from s4seg.report.figures import colorize, display_image, legend_handles, model_color, new_figure
 
 HEADLINE = (("miou", "mIoU"), ("mf1", "mF1"), ("oa", "OA"))
@@ -68,23 +69,82 @@ def with_gain(frame: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+def baseline_of(ctx: ReportContext) -> Baseline | None:
+    """The baseline of `report.baseline` (s4seg.report.baseline), or None when none is given."""
+    if ctx.inputs.baseline is None:  # none asked for: not a missing input
+        return None
+    return ctx._cached("baseline", read_baseline)
+
+
+def _points(diff: float) -> str:
+    return f"{abs(diff):.2f} point{'s' if round(abs(diff), 2) != 1 else ''}"
+
+
+def headline(ctx: ReportContext, method: str, init: str) -> list[str]:
+    """The test-tile mIoU of the trained model against the warmup and the baseline, with plain verdicts."""
+    values = headline_values(ctx).get(("test tiles", "miou"), {})
+    if not finite(values.get(NEW)):
+        return []
+    new, base = 100 * values[NEW], (100 * values[BASE] if finite(values.get(BASE)) else None)
+    baseline = baseline_of(ctx)
+    other = 100 * baseline.value("miou") if baseline is not None and finite(baseline.value("miou")) else None
+    steps = last_step(ctx.path("train_log"))
+    against = []
+    if base is not None:
+        against.append(f"{base:.2f} for the supervised warmup (**{new - base:+.2f}**)")
+    if other is not None:
+        against.append(f"{other:.2f} for `{baseline.method}` (**{new - other:+.2f}**, `{baseline.path}`)")
+    items = [f"test-tile mIoU: **{new:.2f}** with `{method}`" + (" against " + "; ".join(against) if against else "")]
+
+    if base is not None:
+        warmup = "its warmup (the model it started from)" if init == "warmup" else \
+            "the warmup (the labeled-only reference; this run did not start from it)"
+        if round(new - base, 2) < 0:
+            items.append(f"**Below {warmup}**: `{method}` scores {_points(new - base)} less test-tile mIoU"
+                         + (": training on the unlabeled tiles undid part of what the warmup had learned at this "
+                            "budget." if init == "warmup" and method != "supervised" else "."))
+        else:
+            items.append(f"Above {warmup} by {_points(new - base)}.")
+
+    if other is not None:
+        differences = protocol_differences(baseline, ctx.params, steps)
+        if differences:
+            shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+            at = f"(**not at equal settings**: baseline vs this run, {shown})"
+        else:
+            at = "at equal iterations" + (f" ({steps} steps)" if steps is not None else "") + \
+                " on the same data, split, seed, model and schedule"
+        if round(new - other, 2) < 0:
+            cost = ": at this budget the unlabeled data cost more than it bought." \
+                if baseline.method == "supervised" and method != "supervised" and not differences else "."
+            items.append(f"**Below `{baseline.method}`**: `{method}` scores {_points(new - other)} less test-tile "
+                         f"mIoU than `{baseline.method}` {at}{cost}")
+        else:
+            items.append(f"Above `{baseline.method}` by {_points(new - other)} {at}.")
+    elif method != "supervised":
+        items.append("No `supervised` run to compare with at equal iterations (`report.baseline` is null): the "
+                     "difference from the warmup mixes what the unlabeled tiles bought with what the iterations of "
+                     "`train` bought. Run `-S method=supervised` with otherwise equal params, save it with "
+                     "`s4seg baseline`, and set `report.baseline` (see s4seg.report.baseline).")
+    return items
+
+
 @register_section("overview", order=10)
 def overview(ctx: ReportContext) -> Section:
     p = ctx.params
     method = p.get("method", "?")
     model = p.get("model") or {}
     dataset = p.get("dataset") or {}
+    init = (p.get("train") or {}).get("init") or "warmup"
+    start = "from the supervised `warmup` model (`train.init: warmup`)" if init == "warmup" else \
+        ("from the pretrained encoder (`model.weights`) and an untrained decoder for the whole schedule "
+         "(`train.init: pretrained`, the papers' protocol); the `warmup` model is shown as the labeled-only reference")
     items = [
-        f"method: `{method}` (trained from the supervised `warmup` model on the unlabeled tiles)",
+        f"method: `{method}`, trained {start}",
         f"model: `{model.get('arch', '?')}` with encoder `{model.get('encoder', '?')}`",
         f"dataset: `{dataset.get('name', '?')}`, {len(ctx.classes)} classes ({', '.join(ctx.classes)})",
+        *headline(ctx, method, init),
     ]
-    values = headline_values(ctx).get(("test tiles", "miou"), {})
-    if finite(values.get(BASE)) and finite(values.get(NEW)):
-        gain = 100 * (values[NEW] - values[BASE])
-        items.append(f"test-tile mIoU: **{100 * values[NEW]:.2f}** with `{method}` against "
-                     f"{100 * values[BASE]:.2f} for the supervised warmup: **{gain:+.2f}** points bought by "
-                     "the unlabeled data")
     return Section("Overview", [Bullets(tuple(items))])
 
 
@@ -97,12 +157,21 @@ def metrics(ctx: ReportContext) -> Section | None:
     rows = {(label, names[metric]): {m: 100 * v if finite(v) else np.nan for m, v in by_model.items()}
             for (label, metric), by_model in values.items() if metric in names}
     frame = pd.DataFrame.from_dict(rows, orient="index")
+    baseline = baseline_of(ctx)
+    baseline_note = ""
+    if baseline is not None:
+        keys = {(label, names[metric]): metric for label, metric in values if metric in names}
+        scoped = [baseline.value(keys[(label, name)] if label == "test tiles" else f"scene_{keys[(label, name)]}")
+                  for label, name in frame.index]
+        column = f"{baseline.method} (baseline)"
+        frame[column] = [100 * v if finite(v) else np.nan for v in scoped]
+        baseline_note = f" `{column}`: the trained model of `{baseline.path}` (see the overview)."
     frame.index = [f"{name} ({label})" for label, name in frame.index]
     blocks: list = [
         Text("Confusion matrices accumulated over the whole test set (pixels labelled 255 ignored); mIoU and "
              "mF1 average the classes that occur in the ground truth or the prediction. `test tiles`: every "
              "test tile on its own; `whole test scenes`: each test scene predicted by overlapping sliding "
-             "windows (averaged softmax). In percent."),
+             "windows (averaged softmax). In percent; `gain`: student - warmup." + baseline_note),
         Table(with_gain(frame)),
     ]
     table = ctx.read_parquet("table")
