@@ -13,7 +13,9 @@ Outputs (each written atomically):
 
 The warmup model is scored on the same tiles with the trained method's fixed confidence threshold when the
 method has one (`conf_thresh`), else keeping every pixel (`s4seg.evaluation.dump.warmup_threshold`); the
-rule used is recorded in the dump's attribute `warmup_selection`.
+rule used is recorded in the dump's attribute `warmup_selection`. Those scores depend on the warmup model and
+the rule only: with `--cache` they are computed once and reused by every experiment that shares them
+(content-addressed: warmup file hash, tiles, threshold, code).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from s4seg.cli import run_stage
 from s4seg.config import DumpConfig, load_params
 from s4seg.data.split import load_split
 from s4seg.data.store import TileStore
+from s4seg.engine.checkpoint import code_hash, file_hash
 from s4seg.engine.method import Method
 from s4seg.errors import DataError
-from s4seg.evaluation.dump import measure_quality, params_hash, warmup_threshold, write_dump
+from s4seg.evaluation.dump import cached_quality, measure_quality, params_hash, warmup_threshold, write_dump
 from s4seg.evaluation.pseudo_quality import flat_metrics
 from s4seg.io import atomic_path, write_text_atomic
 
@@ -54,6 +57,8 @@ def run_dump(
     metrics: str | Path,
     table: str | Path,
     model_path: str | Path = "",
+    warmup_path: str | Path | None = None,
+    cache: str | Path | None = None,
     progress: bool | None = None,
 ) -> dict[str, float | None]:
     """Dump the student's pseudo-labels, score them and the warmup model's; write the three outputs."""
@@ -72,8 +77,15 @@ def run_dump(
     student_q = write_dump(student, store, unlabeled, out, batch_size=cfg.batch_size, device=cfg.device,
                            min_region_pixels=cfg.min_region_pixels, attrs=attrs, progress=progress)
     student.cpu()  # free the accelerator for the warmup model
-    warmup_q = measure_quality(warmup, store, unlabeled, batch_size=cfg.batch_size, device=cfg.device,
-                               min_region_pixels=cfg.min_region_pixels, threshold=threshold, progress=progress)
+    # the warmup's scores depend on the warmup model and the selection rule only, not on the experiment:
+    # computed once per (warmup file, tiles, rule, code), then reused from `cache`
+    key = {"warmup": file_hash(warmup_path) if warmup_path else None, "tiles": str(Path(store.path).resolve()),
+           "unlabeled": [int(i) for i in unlabeled], "threshold": threshold,
+           "min_region_pixels": cfg.min_region_pixels, "code": code_hash()}
+    warmup_q = cached_quality(
+        cache if warmup_path else None, key,
+        lambda: measure_quality(warmup, store, unlabeled, batch_size=cfg.batch_size, device=cfg.device,
+                                min_region_pixels=cfg.min_region_pixels, threshold=threshold, progress=progress))
     flat = flat_metrics({"student": student_q, "warmup": warmup_q})
     rows = student_q.table("student", store.classes) + warmup_q.table("warmup", store.classes)
     frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -96,6 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="dumps/pseudo.zarr")
     p.add_argument("--metrics", required=True, help="metrics/pseudo.json")
     p.add_argument("--table", required=True, help="metrics/pseudo.parquet")
+    p.add_argument("--cache", help="folder for results that depend on the warmup model only (reused across "
+                                   "experiments; .s4seg-cache); none: recompute them every time")
     return p.parse_args(argv)
 
 
@@ -108,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     split = load_split(args.split)
     student_info = {k: v for k, v in read_model_file(args.model).items() if k != "state_dict"}
     run_dump(params.dump, store, split.unlabeled, load_method(args.model), student_info, load_method(args.warmup),
-             out=args.out, metrics=args.metrics, table=args.table, model_path=args.model)
+             out=args.out, metrics=args.metrics, table=args.table, model_path=args.model, warmup_path=args.warmup,
+             cache=args.cache)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,35 @@ def test_run_dump_writes_dump_metrics_table_and_report_sections(tmp_path: Path) 
                                          "pseudo_snapshots_strip.png", "pseudo_tile_1.png"}
 
 
+def test_warmup_scores_are_computed_once_per_warmup_and_rule(tmp_path: Path, monkeypatch) -> None:
+    stage = _stage()
+    store = _store(tmp_path / "tiles.zarr")
+    warmup_file = tmp_path / "warmup.pt"
+    warmup_file.write_bytes(b"the warmup model's bytes")
+    info = {"method": "thresholded", "method_config": {"conf_thresh": 0.6}, "model_config": {}, "step": 1}
+    cache = tmp_path / "cache"
+
+    def dump(student: int, info: dict, name: str) -> dict:
+        return stage.run_dump(DumpConfig(batch_size=3, device="cpu"), store, [1, 2, 3], Thresholded(student), info,
+                              Thresholded(1), out=tmp_path / name / "d.zarr", metrics=tmp_path / name / "m.json",
+                              table=tmp_path / name / "t.parquet", warmup_path=warmup_file, cache=cache,
+                              progress=False)
+
+    first = dump(0, info, "a")
+    assert len(list(cache.glob("*.npz"))) == 1
+    calls = []
+    monkeypatch.setattr(stage, "measure_quality", lambda *a, **k: calls.append(1) or pytest.fail("recomputed"))
+    second = dump(2, info, "b")  # another experiment, same warmup and rule: reused
+    assert not calls
+    assert {k: v for k, v in second.items() if k.startswith("warmup.")} == \
+        {k: v for k, v in first.items() if k.startswith("warmup.")}
+    monkeypatch.undo()
+    dump(0, {**info, "method_config": {"conf_thresh": 0.9}}, "c")  # another selection rule: computed again
+    warmup_file.write_bytes(b"another warmup")
+    dump(0, info, "d")  # another warmup model: computed again
+    assert len(list(cache.glob("*.npz"))) == 3
+
+
 def test_dump_params_are_validated() -> None:
     from s4seg.config import from_dict
     from s4seg.errors import ParamsError

@@ -51,7 +51,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ from s4seg.data.store import TileStore
 from s4seg.engine.method import Method, PseudoLabels
 from s4seg.evaluation.pseudo_quality import PseudoQuality
 from s4seg.evaluation.regions import pseudo_regions, region_table, relabel_regions
-from s4seg.io import atomic_dir
+from s4seg.io import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,32 @@ def measure_quality(
         for i in range(len(b.tile_ids)):
             regions = pseudo_regions(b.pseudo[i], min_region_pixels=min_region_pixels)
             quality.update(b.pseudo[i], keep[i], b.gt[i], regions)
+    return quality
+
+
+def cached_quality(cache_dir: str | Path | None, key: dict[str, Any], compute: Callable[[], PseudoQuality]
+                   ) -> PseudoQuality:
+    """`compute()`, or the counts a previous call with the same `key` stored in `cache_dir` (content-addressed).
+
+    For what depends only on the warmup model: every experiment that shares a warmup scores its pseudo-labels
+    once, not once per experiment. The key must hold everything the result depends on (the model file's
+    content hash, the tiles, the selection rule, the code); None as `cache_dir` disables the cache.
+    """
+    if cache_dir is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"pseudo-quality-{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as counts:
+                log.info("pseudo-label quality reused from %s", path)
+                return PseudoQuality.from_counts(dict(counts))
+        except (OSError, ValueError, KeyError) as e:  # a damaged cache entry is recomputed, not fatal
+            log.warning("%s: unreadable cache entry (%s); recomputing", path, e)
+    quality = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **quality.counts())
     return quality
 
 

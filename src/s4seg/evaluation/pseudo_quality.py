@@ -64,6 +64,20 @@ class PseudoQuality:
         self.regions_correct = np.zeros(k, np.int64)
         self.consistency_sum = np.zeros(k, np.float64)
 
+    COUNTS = ("valid", "kept", "correct", "kept_correct", "gt_valid", "regions", "regions_correct",
+              "consistency_sum")
+
+    def counts(self) -> dict[str, np.ndarray]:
+        """Every count array, by name (what `from_counts` rebuilds the accumulator from)."""
+        return {name: getattr(self, name) for name in self.COUNTS}
+
+    @classmethod
+    def from_counts(cls, counts: dict[str, np.ndarray]) -> PseudoQuality:
+        quality = cls(len(counts["valid"]))
+        for name in cls.COUNTS:
+            setattr(quality, name, np.asarray(counts[name]).astype(getattr(quality, name).dtype))
+        return quality
+
     def update(self, pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, regions: np.ndarray | None = None,
                region_class: np.ndarray | None = None) -> None:
         """Add one tile (H, W) or a batch (B, H, W).
