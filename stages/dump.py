@@ -39,6 +39,7 @@ from s4seg.errors import DataError
 from s4seg.evaluation.dump import cached_quality, measure_quality, params_hash, warmup_threshold, write_dump
 from s4seg.evaluation.pseudo_quality import flat_metrics
 from s4seg.io import atomic_path, write_text_atomic
+from s4seg.runtime import make_runtime
 
 log = logging.getLogger("s4seg.stages.dump")
 
@@ -74,18 +75,22 @@ def run_dump(
         "model": str(model_path),
         "warmup_selection": selection,
     }
-    student_q = write_dump(student, store, unlabeled, out, batch_size=cfg.batch_size, device=cfg.device,
-                           min_region_pixels=cfg.min_region_pixels, attrs=attrs, progress=progress)
+    runtime = make_runtime(cfg.device, cfg.precision, where="dump.precision")
+    log.info("dump precision: %s (dump.precision = %s)", runtime.describe(), cfg.precision)
+    student_q = write_dump(student, store, unlabeled, out, batch_size=cfg.batch_size, device=runtime.device,
+                           precision=runtime.precision, min_region_pixels=cfg.min_region_pixels, attrs=attrs,
+                           progress=progress)
     student.cpu()  # free the accelerator for the warmup model
     # the warmup's scores depend on the warmup model and the selection rule only, not on the experiment:
-    # computed once per (warmup file, tiles, rule, code), then reused from `cache`
+    # computed once per (warmup file, tiles, rule, precision, code), then reused from `cache`
     key = {"warmup": file_hash(warmup_path) if warmup_path else None, "tiles": str(Path(store.path).resolve()),
            "unlabeled": [int(i) for i in unlabeled], "threshold": threshold,
-           "min_region_pixels": cfg.min_region_pixels, "code": code_hash()}
+           "min_region_pixels": cfg.min_region_pixels, "precision": runtime.precision, "code": code_hash()}
     warmup_q = cached_quality(
         cache if warmup_path else None, key,
-        lambda: measure_quality(warmup, store, unlabeled, batch_size=cfg.batch_size, device=cfg.device,
-                                min_region_pixels=cfg.min_region_pixels, threshold=threshold, progress=progress))
+        lambda: measure_quality(warmup, store, unlabeled, batch_size=cfg.batch_size, device=runtime.device,
+                                precision=runtime.precision, min_region_pixels=cfg.min_region_pixels,
+                                threshold=threshold, progress=progress))
     flat = flat_metrics({"student": student_q, "warmup": warmup_q})
     rows = student_q.table("student", store.classes) + warmup_q.table("warmup", store.classes)
     frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))

@@ -15,7 +15,11 @@ Outputs (each written atomically):
 - `--summary` flat JSON for `dvc metrics diff`: `<model>.miou|mf1|oa` (tiles), `<model>.scene_miou|...`
   (all scenes), and `gain.*` = student - warmup when both are given. NaN is written as null.
 - `--predictions` Zarr (default: `predictions.zarr` next to the table): `ids` (N,) int64 test tile ids
-  and one (N, T, T) uint8 label array per model, so the report draws overlays without torch.
+  and one (N, T, T) uint8 label array per model, so the report draws overlays without torch; its attribute
+  `precision` = {"evaluate": the precision evaluation ran in, "trained": {model: its training precision}}
+  (resolved values, s4seg.runtime; the report's overview shows them).
+
+Every model runs in `evaluate.precision` (autocast) with channels_last weights and images (s4seg.runtime).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,6 +46,7 @@ from s4seg.errors import CheckpointError, ParamsError
 from s4seg.evaluation.metrics import ConfusionMatrix, confusion_matrix, metrics_from_confusion
 from s4seg.evaluation.sliding import Predict, predict_scene, predict_tiles
 from s4seg.io import atomic_dir, atomic_path, write_text_atomic
+from s4seg.runtime import Runtime, make_runtime
 
 log = logging.getLogger("s4seg.stages.evaluate")
 
@@ -115,13 +121,22 @@ def gains(summary: dict[str, float], base: str = "warmup", new: str = "student")
     return out
 
 
-def load_predictor(path: Path, device: torch.device) -> tuple[Predict, int]:
-    """A model file -> (predict callable, number of classes). The engine's loader rebuilds the method."""
-    from s4seg.engine.checkpoint import load_method  # the engine is only needed here
+class LoadedModel(NamedTuple):
+    """What evaluation needs from a model file. A loader may return a plain (predict, num_classes) pair."""
 
-    method = load_method(path, device)
-    method.eval()
-    return method.predict, int(method.num_classes)
+    predict: Predict
+    num_classes: int
+    precision: str | None = None  # the precision the model was trained in (model artifact), if known
+
+
+def load_predictor(path: Path, runtime: Runtime) -> LoadedModel:
+    """A model file -> its method's `predict`, on the runtime's device and memory format. The engine's
+    loader rebuilds the method."""
+    from s4seg.engine.checkpoint import load_method_and_info  # the engine is only needed here
+
+    method, info = load_method_and_info(path, runtime.device)
+    runtime.module(method).eval()
+    return LoadedModel(method.predict, int(method.num_classes), info.get("precision"))
 
 
 def parse_models(specs: Sequence[str]) -> dict[str, Path]:
@@ -143,7 +158,9 @@ def write_outputs(
     table: Path,
     summary_path: Path,
     predictions: Path,
+    attrs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
+    """Write the table, the summary and the predictions (with `attrs` added to its attributes)."""
     rows = [r for res in results.values() for r in res.rows]
     frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"tile": "int64", "value": "float64"})
     with atomic_path(table) as tmp:
@@ -164,7 +181,7 @@ def write_outputs(
                                      dimension_names=("tile", "y", "x"))
             arr[:] = res.tile_labels
         group.attrs.update({"models": list(results), "classes": store.classes, "palette": store.palette,
-                            "tile_size": t})
+                            "tile_size": t, **(attrs or {})})
     return clean
 
 
@@ -178,8 +195,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv: Sequence[str] | None = None, loader: Callable[[Path, torch.device], tuple[Predict, int]] | None = None
+def main(argv: Sequence[str] | None = None, loader: Callable[[Path, Runtime], tuple] | None = None
          ) -> dict[str, float]:
+    """`loader(path, runtime)` returns a `LoadedModel` or a (predict, num_classes) pair (test doubles)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tiles", required=True)
@@ -197,21 +215,25 @@ def main(argv: Sequence[str] | None = None, loader: Callable[[Path, torch.device
         if not path.is_file():
             raise CheckpointError(f"{path}: model file for --model {name} not found; run `dvc repro` to build it")
     store, split = TileStore(args.tiles), load_split(args.split)
-    device = resolve_device(args.device or cfg.device)
-    log.info("evaluating %s on %d test tiles, device %s", ", ".join(models), len(split.test), device)
+    runtime = make_runtime(resolve_device(args.device or cfg.device), cfg.precision, where="evaluate.precision")
+    log.info("evaluating %s on %d test tiles: %s (evaluate.precision = %s)", ", ".join(models), len(split.test),
+             runtime.describe(), cfg.precision)
 
-    results = {}
+    results, trained = {}, {}
     for name, path in models.items():
-        predict, num_classes = (loader or load_predictor)(path, device)
-        if num_classes != store.num_classes:
+        model = LoadedModel(*(loader or load_predictor)(path, runtime))
+        if model.num_classes != store.num_classes:
             raise CheckpointError(
-                f"{path}: model predicts {num_classes} classes but {args.tiles} has {store.num_classes} "
+                f"{path}: model predicts {model.num_classes} classes but {args.tiles} has {store.num_classes} "
                 f"({', '.join(store.classes)}); retrain it on this tile store"
             )
-        results[name] = evaluate_model(name, predict, store, split, cfg, device)
+        results[name] = evaluate_model(name, runtime.predictor(model.predict), store, split, cfg, runtime.device)
+        trained[name] = model.precision
 
     predictions = Path(args.predictions) if args.predictions else Path(args.table).with_name("predictions.zarr")
-    return write_outputs(results, store, split.test, Path(args.table), Path(args.summary), predictions)
+    precision = {"evaluate": runtime.precision, "trained": trained}
+    return write_outputs(results, store, split.test, Path(args.table), Path(args.summary), predictions,
+                         attrs={"precision": precision})
 
 
 if __name__ == "__main__":

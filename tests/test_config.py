@@ -40,7 +40,7 @@ def test_unknown_key_is_named_with_its_section(tmp_path: Path) -> None:
     ("section", "value", "message"),
     [
         ({"train": {"batch_size": "8"}}, None, r"train.batch_size: expected an integer, found '8'"),
-        ({"train": {"amp": 1}}, None, r"train.amp: expected true or false, found 1"),
+        ({"evaluate": {"scenes": 1}}, None, r"evaluate.scenes: expected true or false, found 1"),
         ({"train": {"scale_range": [0.5]}}, None, r"train.scale_range: expected a list of 2 values"),
         ({"model": {"weights": 3}}, None, r"model.weights: expected"),
         ({"seed": 1.5}, None, r"seed: expected an integer, found 1.5"),

@@ -2,7 +2,8 @@
 
     s4seg tile      [--params params.yaml] [--tiles data/tiles.zarr] [--split data/split.parquet]
     s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
-    s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C]
+    s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C] [--precision P]
+                          [--reference]  each method in fp32 and on the fast path (channels_last, bf16 where native)
     s4seg predict   [--model models/student.pt] IMAGE|FOLDER|GLOB... -o OUT_DIR [--color] [--window W] ...
     s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them.
                                   The budget they give (warmup and train steps or epochs, train.init) goes to stderr.
@@ -135,11 +136,19 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from s4seg.config import load_params
-    from s4seg.engine.bench import bench_train
+    from s4seg.engine.bench import REFERENCE, bench_train, reference_params
 
     params = load_params(args.params)
     methods = args.methods.split(",") if args.methods else None
-    bench_train(methods, params, batch=args.batch, crop=args.crop, iters=args.iters, out_json=args.out)
+    batch, crop, classes, out = args.batch or 4, args.crop or 192, 6, args.out or "reports/bench/train.json"
+    if args.reference:  # UniMatch's configuration; --batch / --crop / --methods still override
+        params = reference_params(params)
+        batch, crop = args.batch or REFERENCE["batch"], args.crop or REFERENCE["crop"]
+        classes = REFERENCE["num_classes"]
+        methods = methods or list(REFERENCE["methods"])
+        out = args.out or "reports/bench/reference.json"
+    bench_train(methods, params, batch=batch, crop=crop, iters=args.iters, out_json=out, precision=args.precision,
+                num_classes=classes)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -209,10 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["train"])
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--methods", help="comma-separated; default: every registered method")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--batch", type=int, help="tiles per batch (default 4; 2 with --reference)")
+    p.add_argument("--crop", type=int, help="crop size (default 192; 321 with --reference)")
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--out", default="reports/bench/train.json")
+    p.add_argument("--precision", default="auto", help="of the fast path: auto (bf16 where native) | fp32 | bf16 | "
+                   "fp16; fp32 shows the fallback of hardware without bf16 (channels_last alone)")
+    p.add_argument("--reference", action="store_true",
+                   help="UniMatch's reference configuration: DeepLabV3+ ResNet-50 deep stem, random init, 21 classes, "
+                        "crop 321, batch 2; methods supervised,unimatch unless --methods")
+    p.add_argument("--out", help="default reports/bench/train.json (reference.json with --reference)")
     p.set_defaults(func=_cmd_bench)
 
     # Unset numeric flags take s4seg.predict.PredictOptions' defaults (evaluate's); it imports torch, so not here.

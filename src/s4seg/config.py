@@ -20,6 +20,8 @@ import yaml
 from s4seg.errors import ParamsError
 
 IGNORE_INDEX = 255  # mask value of pixels no loss and no metric may count
+# `precision` of every stage that runs a model (s4seg.runtime): auto = bf16 where the hardware has it natively
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 T = TypeVar("T")
 
@@ -27,6 +29,12 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+def check_precision(precision: str) -> None:
+    """A PRECISIONS value (whether the device runs it is checked when the stage starts, s4seg.runtime)."""
+    if precision not in PRECISIONS:
+        raise ParamsError(f"precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """Where the scenes come from. `name` picks the source; the other keys configure it."""
@@ -140,7 +148,7 @@ class TrainConfig:
     poly_power: float = 0.9
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
     lr_reference_batch: int | None = None  # linear LR scaling: lr * effective batch / this; null = off
-    amp: bool = True  # mixed precision on CUDA; ignored on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA): autocast dtype; auto = bf16 where native
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0
     checkpoint_every: int = 50  # iterations; also at the end of every epoch
@@ -148,6 +156,9 @@ class TrainConfig:
     snapshot_every: int = 0  # iterations between pseudo-label snapshots (0 = off)
     snapshot_tiles: int = 4
     precise_bn: str = "all"  # BN statistics of the final networks over training tiles: all | labeled | off
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
 
 TRAIN_INITS = ("warmup", "pretrained")  # what the `train` stage starts from (models/<init>.pt in dvc.yaml)
@@ -182,8 +193,10 @@ class EvaluateConfig:
     overlap: float = 1 / 3  # fraction of the window shared by neighbouring windows, in [0, 1)
     scenes: bool = True  # also evaluate whole test scenes by sliding window
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA), as in train
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.batch_size < 1:
             raise ParamsError(f"batch_size = {self.batch_size}: expected a positive number of tiles")
         if self.window is not None and self.window < 1:
@@ -199,8 +212,10 @@ class DumpConfig:
     batch_size: int = 8
     min_region_pixels: int = 1  # connected components smaller than this are left out of region ids
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA), as in train
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.batch_size < 1:
             raise ParamsError(f"batch_size = {self.batch_size}: expected a positive number of tiles")
         if self.min_region_pixels < 1:

@@ -1,8 +1,10 @@
-"""`bench_train`: one subprocess per method, seconds per iteration, peak RSS, ratio to fixmatch."""
+"""`bench_train`: one subprocess per method and path (fp32, fast), seconds per iteration, peak RSS, speed-up, ratio to
+fixmatch; the UniMatch reference configuration."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ import torch
 from s4seg.config import ModelConfig, Params, TrainConfig
 from s4seg.engine.bench import format_table, peak_rss_mib, synthetic_batch
 from s4seg.errors import ParamsError
+
+SHIPPED_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def test_peak_rss_is_plausible():
@@ -36,19 +40,60 @@ def test_unknown_method_fails_before_running(tmp_path):
 
 
 def test_bench_train_aggregates_and_writes_json(tmp_path, capsys, monkeypatch):
-    """The per-method runs in this process (bench_one), to check ratios, JSON and table cheaply."""
+    """The per-method runs in this process (bench_one), to check both paths, ratios, JSON and table cheaply."""
     from s4seg.engine import bench
 
     monkeypatch.setattr(bench, "bench_in_subprocess", bench.bench_one)
     out = tmp_path / "bench" / "train.json"
-    rows = bench.bench_train(["fixmatch", "supervised"], _tiny_params(), batch=2, crop=32, iters=1, out_json=out)
+    rows = bench.bench_train(["fixmatch", "supervised"], _tiny_params(), batch=2, crop=32, iters=1, out_json=out,
+                             precision="bf16")
     assert json.loads(out.read_text()) == rows
-    assert [r["method"] for r in rows] == ["fixmatch", "supervised"]
-    assert rows[0]["ratio_to_fixmatch"] == 1.0
-    assert rows[1]["ratio_to_fixmatch"] == pytest.approx(rows[1]["sec_per_iter"] / rows[0]["sec_per_iter"])
+    assert [(r["method"], r["path"]) for r in rows] == [("fixmatch", "fp32"), ("fixmatch", "fast"),
+                                                        ("supervised", "fp32"), ("supervised", "fast")]
+    # fp32 is the old path (fp32, contiguous); fast is the pipeline's runtime in the asked precision
+    assert [(r["precision"], r["memory_format"]) for r in rows[:2]] == [("fp32", "contiguous"),
+                                                                      ("bf16", "channels_last")]
+    for slow, fast in (rows[:2], rows[2:]):
+        assert slow["speedup"] == fast["speedup"] == pytest.approx(slow["sec_per_iter"] / fast["sec_per_iter"])
+    assert rows[0]["ratio_to_fixmatch"] == rows[1]["ratio_to_fixmatch"] == 1.0  # per path
+    assert rows[3]["ratio_to_fixmatch"] == pytest.approx(rows[3]["sec_per_iter"] / rows[1]["sec_per_iter"])
     assert all(r["sec_per_iter"] > 0 and r["peak_rss_mib"] > 50 for r in rows)
     printed = capsys.readouterr().out
-    assert printed.strip() == format_table(rows) and "supervised" in printed
+    assert printed.strip() == format_table(rows) and "supervised" in printed and "fast = bf16" in printed
+
+
+def test_bad_precision_fails_before_running(tmp_path):
+    from s4seg.engine.bench import bench_train
+
+    with pytest.raises(ParamsError, match="precision = 'fp8'"):
+        bench_train(["supervised"], _tiny_params(), batch=1, crop=32, iters=1, out_json=tmp_path / "b.json",
+                    precision="fp8")
+
+
+def test_reference_configuration_is_unimatchs():
+    from s4seg.engine.bench import REFERENCE, reference_params
+
+    params = reference_params(_tiny_params())
+    model = params.model
+    assert (model.arch, model.encoder, model.deep_stem, model.weights) == ("deeplabv3plus", "resnet50", True, None)
+    assert (model.output_stride, model.decoder_channels) == (16, 256)
+    assert (REFERENCE["batch"], REFERENCE["crop"], REFERENCE["num_classes"]) == (2, 321, 21)
+    assert params.train == _tiny_params().train  # only the model changes
+
+
+def test_cli_reference_mode_passes_its_configuration(monkeypatch, tmp_path):
+    from s4seg import cli
+    from s4seg.engine import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "bench_train", lambda methods, params, **kw: seen.update(methods=methods,
+                                                                                        params=params, **kw))
+    cli.main(["bench", "train", "--reference", "--iters", "2", "--params", str(SHIPPED_PARAMS)])
+    assert seen["methods"] == ["supervised", "unimatch"] and (seen["batch"], seen["crop"]) == (2, 321)
+    assert seen["num_classes"] == 21 and seen["params"].model.encoder == "resnet50" and seen["precision"] == "auto"
+    assert str(seen["out_json"]).endswith("reference.json")
+    cli.main(["bench", "train", "--methods", "fixmatch", "--precision", "fp32", "--params", str(SHIPPED_PARAMS)])
+    assert (seen["methods"], seen["batch"], seen["crop"], seen["precision"]) == (["fixmatch"], 4, 192, "fp32")
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import signal
@@ -133,6 +134,29 @@ def test_resume_after_crash_gives_identical_weights_and_log(store, tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "crash" / "log.csv")] == ["3", "6", "7"]
     assert _rows(tmp_path / "crash" / "log.csv") == _rows(tmp_path / "full" / "log.csv")
     assert not (tmp_path / "crash" / "ckpt" / "last.pt").exists()
+
+
+def test_bf16_run_resumes_bit_identically_and_records_its_precision(store, tmp_path):
+    """bf16 autocast on the CPU (native here or emulated) is deterministic: a crashed run resumes to the same
+    weights and log. The artifact names the precision; a bf16 checkpoint is not resumed by an fp32 run."""
+    cfg = h.tiny_train_config(iterations=7, checkpoint_every=2, log_every=3, precision="bf16")
+    _fit(h.build("toy"), store, tmp_path / "full", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_crashing(h.build("toy"), at_step=5), store, tmp_path / "crash", cfg)
+    (tmp_path / "crash" / "log.csv").unlink()
+    assert _fit(h.build("toy"), store, tmp_path / "crash", cfg)["resumed_from"] == 4
+    assert _same(_weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "crash" / "model.pt"))
+    assert _rows(tmp_path / "crash" / "log.csv") == _rows(tmp_path / "full" / "log.csv")
+    assert torch.load(tmp_path / "full" / "model.pt", weights_only=True)["precision"] == "bf16"
+
+    fp32 = dataclasses.replace(cfg, precision="fp32")
+    _fit(h.build("toy"), store, tmp_path / "fp32", fp32)
+    assert torch.load(tmp_path / "fp32" / "model.pt", weights_only=True)["precision"] == "fp32"
+    # bf16 really ran: the weights differ from fp32's (in the last bits at least)
+    assert not _same(_weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "fp32" / "model.pt"))
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_crashing(h.build("toy"), at_step=5), store, tmp_path / "switch", cfg)
+    assert _fit(h.build("toy"), store, tmp_path / "switch", fp32)["resumed_from"] is None
 
 
 def _checkpoint_of_a_crash(store, out: Path, cfg) -> None:

@@ -123,6 +123,8 @@ def test_fit_recomputes_student_and_teacher_buffers_only(store, tmp_path):
     # the buffers are exactly those of a recompute over all training tiles from the "off" weights
     net = h.TinySegmenter(len(h.CLASSES))
     net.load_state_dict({k[len("model."):]: v for k, v in off.items() if k.startswith("model.")})
-    recompute_bn_stats([net], store, list(range(10)), batch_size=4, device=torch.device("cpu"))
+    # in the precision training ran in (the artifact records it): PreciseBN runs under the training's runtime
+    precision = torch.load(tmp_path / "all" / "model.pt", weights_only=True)["precision"]
+    recompute_bn_stats([net], store, list(range(10)), batch_size=4, device=torch.device("cpu"), precision=precision)
     torch.testing.assert_close(net.encoder[1].running_mean, on["model.encoder.1.running_mean"])
     torch.testing.assert_close(net.encoder[1].running_var, on["model.encoder.1.running_var"])

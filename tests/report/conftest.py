@@ -59,7 +59,8 @@ def write_artifacts(root: Path) -> ReportInputs:
     group.create_array("ids", data=np.arange(4, 8, dtype=np.int64))
     group.create_array("warmup", data=rng.integers(0, 3, size=(4, T, T)).astype(np.uint8))
     group.create_array("student", data=masks[4:].clip(0, 2))
-    group.attrs.update({"models": ["warmup", "student"], "classes": CLASSES, "palette": PALETTE, "tile_size": T})
+    group.attrs.update({"models": ["warmup", "student"], "classes": CLASSES, "palette": PALETTE, "tile_size": T,
+                        "precision": {"evaluate": "bf16", "trained": {"warmup": "bf16", "student": None}}})
 
     eval_table().to_parquet(root / "eval.parquet")
     steps = np.arange(1, 11)

@@ -32,6 +32,8 @@ def test_full_report(artifacts, tmp_path):
     assert "**62.50** with `fixmatch` against 50.00 for the supervised warmup (**+12.50**)" in md
     assert "Above its warmup (the model it started from) by 12.50 points." in md
     assert "No `supervised` run to compare with at equal iterations" in md
+    # the precisions evaluate recorded (a model file written before they were recorded: "unrecorded")
+    assert "precision: trained in `warmup` bf16, `student` unrecorded; evaluated in bf16;" in md
     assert "<td>mIoU (test tiles)</td><td>50.00</td><td>62.50</td><td>+12.50</td>" in page
     for section in ("Overview", "Test metrics", "Per-class IoU", "Training curves", "Test tiles", "Parameters"):
         assert f"## {section}" in md and f"<h2>{section}</h2>" in page

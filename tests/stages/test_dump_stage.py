@@ -68,12 +68,14 @@ def test_run_dump_writes_dump_metrics_table_and_report_sections(tmp_path: Path) 
     info = {"method": "thresholded", "method_config": {"conf_thresh": 0.6}, "model_config": {"arch": "x"},
             "step": 12}
     out, metrics, table = tmp_path / "dumps/pseudo.zarr", tmp_path / "metrics/pseudo.json", tmp_path / "p.parquet"
-    flat = stage.run_dump(DumpConfig(batch_size=3, device="cpu"), store, [1, 2, 3], Thresholded(0), info,
-                          Thresholded(1), out=out, metrics=metrics, table=table, model_path="models/student.pt",
-                          progress=False)
+    # fp32: the coverage is checked below against an fp32 forward pass, at a threshold bf16 rounding can cross
+    cfg = DumpConfig(batch_size=3, device="cpu", precision="fp32")
+    flat = stage.run_dump(cfg, store, [1, 2, 3], Thresholded(0), info, Thresholded(1), out=out, metrics=metrics,
+                          table=table, model_path="models/student.pt", progress=False)
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["method"] == "thresholded" and g.attrs["iteration"] == 12
     assert g.attrs["warmup_selection"] == "conf >= 0.6" and len(g.attrs["params_hash"]) == 16
+    assert g.attrs["precision"] == "fp32"
     assert g["pseudo"].shape == (3, T, T)
     on_disk = json.loads(metrics.read_text())
     assert on_disk == flat

@@ -65,7 +65,9 @@ def workdir(tmp_path_factory) -> Path:
                  for i, (y, x) in enumerate(offsets)]
     writer.close()
     pd.DataFrame(rows).to_parquet(root / "split.parquet")
-    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"batch_size": 4, "window": T, "overlap": 0.5}}))
+    # fp32: test_real_model_file compares labels with an fp32 forward pass (bf16: tests/test_runtime.py)
+    evaluate = {"batch_size": 4, "window": T, "overlap": 0.5, "precision": "fp32"}
+    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": evaluate}))
     for name in ("warmup.pt", "student.pt"):
         (root / name).write_bytes(b"test double")
     return root
@@ -126,6 +128,8 @@ def test_predictions_zarr_plain_readable(workdir, evaluated):
     np.testing.assert_array_equal(group["student"][:], images[..., 0])
     assert group["warmup"].dtype == np.uint8 and not group["warmup"][:].any()
     assert group.attrs["classes"] == CLASSES and group.attrs["models"] == ["warmup", "student"]
+    # test doubles carry no training precision; the report shows "unrecorded" for them
+    assert group.attrs["precision"] == {"evaluate": "fp32", "trained": {"warmup": None, "student": None}}
 
 
 def test_missing_model_file_is_an_error_only_if_passed(workdir, tmp_path):
@@ -161,13 +165,14 @@ def test_real_model_file(workdir, tmp_path):
     cfg = ModelConfig(encoder="resnet18", weights=None)
     method = build_method("fixmatch", {}, build_model(cfg, K, load_pretrained=False), K).eval()
     save_torch_atomic(model_artifact(method, model_cfg=cfg, classes=CLASSES, palette=["#000000"] * K, step=3,
-                                     train_cfg=TrainConfig()), tmp_path / "real.pt")
+                                     train_cfg=TrainConfig(), precision="bf16"), tmp_path / "real.pt")
     args = argv(workdir, f"student={tmp_path / 'real.pt'}")
     args[args.index("--table") + 1] = str(tmp_path / "eval.parquet")
     args[args.index("--summary") + 1] = str(tmp_path / "summary.json")
     summary = stage.main(args)
     assert 0.0 <= summary["student.miou"] <= 1.0 and 0.0 <= summary["student.scene_oa"] <= 1.0
     group = zarr.open_group(str(tmp_path / "predictions.zarr"), mode="r")
+    assert group.attrs["precision"] == {"evaluate": "fp32", "trained": {"student": "bf16"}}  # from the model file
     images = np.asarray(zarr.open_group(str(workdir / "tiles.zarr"), mode="r")["images"][6:9])
     with torch.no_grad():
         expected = method.predict(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).argmax(1)

@@ -1,16 +1,29 @@
-"""`s4seg bench train`: seconds per training iteration and peak memory of each method.
+"""`s4seg bench train`: seconds per training iteration and peak memory of each method, fp32 against the fast path.
 
-Every method runs in its own subprocess (`python -m s4seg.engine.bench ...`), so its peak resident
-memory (VmHWM from /proc/self/status, falling back to ru_maxrss) is its own and not the maximum over
-all methods benchmarked before it. One iteration is what the engine does per optimiser step: the
-method's `training_step` on a synthetic batch of the given size, backward, optimiser step and the EMA
-update when the method has a teacher. The first `WARMUP_ITERS` iterations are not timed (allocator
-and kernel warm-up). On CUDA the peak allocated GPU memory is reported too.
+Each method runs twice, each run in its own subprocess (`python -m s4seg.engine.bench ...`), so its peak
+resident memory (VmHWM from /proc/self/status, falling back to ru_maxrss) is its own and not the maximum
+over the runs before it:
+- `fp32`: fp32 and contiguous tensors, as s4seg ran before `s4seg.runtime` existed;
+- `fast`: what the pipeline runs now: channels_last weights and images, and `precision` (default `auto`:
+  bf16 autocast where the hardware has it natively, else fp32; pass `fp32` to show the fallback of a CPU
+  without bf16, i.e. channels_last alone).
+The table gives both times and the speed-up fp32 / fast.
+
+One iteration is what the engine does per optimiser step: the method's `training_step` on a synthetic batch
+of the given size (under the run's autocast), backward, optimiser step and the EMA update when the method
+has a teacher. The first `WARMUP_ITERS` iterations are not timed (allocator and kernel warm-up). On CUDA
+the peak allocated GPU memory is reported too.
+
+`reference_params` (`s4seg bench train --reference`): UniMatch's reference configuration, so that a step can
+be timed against the official code on the same machine: DeepLabV3+ on ResNet-50 with the deep stem, output
+stride 16, 256 decoder channels, random init, 21 classes (Pascal VOC), crop 321, batch 2 (reference/
+unimatch_v1_fixmatch.md: Pascal crop 321, batch 2 per GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -22,13 +35,15 @@ from typing import Any
 
 import torch
 
-from s4seg.config import Params, from_dict, to_dict
+from s4seg.config import ModelConfig, Params, from_dict, to_dict
 from s4seg.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 WARMUP_ITERS = 2
 BASELINE = "fixmatch"
+PATHS = ("fp32", "fast")  # fp32 contiguous; the pipeline's runtime (channels_last, `precision`)
+REFERENCE = {"batch": 2, "crop": 321, "num_classes": 21, "methods": ("supervised", "unimatch")}
 
 
 def peak_rss_mib() -> float:
@@ -63,36 +78,47 @@ def synthetic_batch(batch: int, crop: int, num_classes: int, generator: torch.Ge
                  y_u=labels(), y_u_mix=labels(), ids_u=torch.arange(batch))
 
 
-def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: int, num_classes: int = 6) -> dict:
-    """Time `iters` iterations of one method in this process."""
+def reference_params(params: Params) -> Params:
+    """`params` with UniMatch's reference model: DeepLabV3+, ResNet-50 deep stem, OS 16, random init."""
+    model = ModelConfig(arch="deeplabv3plus", encoder="resnet50", weights=None, output_stride=16, deep_stem=True,
+                        aspp_dilations=(6, 12, 18), decoder_channels=256, freeze_encoder=False)
+    return dataclasses.replace(params, model=model)
+
+
+def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: int, num_classes: int = 6, *,
+              precision: str = "fp32", channels_last: bool = False) -> dict:
+    """Time `iters` iterations of one method in this process, in `precision` (a PRECISIONS value)."""
     import s4seg.methods  # noqa: F401  (registers the methods)
     from s4seg.engine.distributed import pick_device
     from s4seg.engine.ema import ema_update
     from s4seg.engine.method import build_method
     from s4seg.engine.optim import Optimizers
     from s4seg.models import build_model
+    from s4seg.runtime import make_runtime
 
     torch.manual_seed(0)
-    device = pick_device(params.train.device)
+    runtime = make_runtime(pick_device(params.train.device), precision, where="bench precision",
+                           channels_last=channels_last)
     model = build_model(params.model, num_classes, load_pretrained=False)  # speed does not depend on weights
-    method = build_method(method_name, params.methods.get(method_name, {}), model, num_classes).to(device)
+    method = runtime.module(build_method(method_name, params.methods.get(method_name, {}), model, num_classes))
     method.on_fit_start()
     method.train()
     method.total_steps = WARMUP_ITERS + iters
     optimizers = Optimizers(method, params.train, params.train.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    data = synthetic_batch(batch, crop, num_classes, torch.Generator().manual_seed(0)).to(device)
-    use_amp = params.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
+    data = synthetic_batch(batch, crop, num_classes, torch.Generator().manual_seed(0))
+    data = data.to(runtime.device, memory_format=runtime.memory_format)
 
     def iteration(step: int) -> None:
         optimizers.start_step(step, WARMUP_ITERS + iters)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with runtime.autocast():
             out = method.training_step(data, step)
         optimizers.backward(out, scaler)
         optimizers.step(scaler)
         if method.teacher() is not None:
             ema_update(method.teacher(), method.model, step, method.ema_momentum())
 
+    device = runtime.device
     for step in range(WARMUP_ITERS):
         iteration(step)
     if device.type == "cuda":
@@ -105,41 +131,56 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / iters
     row = {"method": method_name, "device": str(device), "arch": params.model.arch, "encoder": params.model.encoder,
-           "batch": batch, "crop": crop, "iters": iters, "sec_per_iter": seconds, "peak_rss_mib": peak_rss_mib(),
-           "torch_threads": torch.get_num_threads()}
+           "batch": batch, "crop": crop, "classes": num_classes, "iters": iters, "precision": runtime.precision,
+           "memory_format": "channels_last" if channels_last else "contiguous", "sec_per_iter": seconds,
+           "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
-def bench_in_subprocess(method_name: str, params: Params, batch: int, crop: int, iters: int) -> dict:
+def bench_in_subprocess(method_name: str, params: Params, batch: int, crop: int, iters: int, num_classes: int = 6,
+                        *, precision: str = "fp32", channels_last: bool = False) -> dict:
     """`bench_one` in a fresh Python process, so that its peak RSS is its own."""
     cmd = [sys.executable, "-m", "s4seg.engine.bench", "--method", method_name, "--batch", str(batch),
-           "--crop", str(crop), "--iters", str(iters), "--params-json", json.dumps(to_dict(params))]
+           "--crop", str(crop), "--iters", str(iters), "--classes", str(num_classes), "--precision", precision,
+           "--params-json", json.dumps(to_dict(params))] + (["--channels-last"] if channels_last else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench of {method_name} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bench of {method_name} ({precision}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_train(methods: list[str] | None, params: Params, *, batch: int, crop: int, iters: int,
-                out_json: str | Path, echo: bool = True) -> list[dict]:
-    """Benchmark each method in a subprocess; add the ratio to fixmatch; write `out_json` atomically.
+                out_json: str | Path, precision: str = "auto", num_classes: int = 6, echo: bool = True) -> list[dict]:
+    """Benchmark each method on both paths (`PATHS`), each run in a subprocess; write `out_json` atomically.
 
-    methods None = every registered method. `echo` prints a table to stdout.
+    Rows: one per (method, path), with `path`, the speed-up fp32 / fast (on both rows of a method) and the
+    ratio to fixmatch on the same path. methods None = every registered method. `echo` prints a table.
     """
+    from s4seg.config import check_precision
     from s4seg.engine.method import method_class
     from s4seg.methods import registered_methods  # fills the registry
 
     if methods is None:
         methods = registered_methods()
-
     for name in methods:
         method_class(name)  # an unknown name fails here, with the list of known ones
-    rows = [bench_in_subprocess(name, params, batch, crop, iters) for name in methods]
-    base = next((r["sec_per_iter"] for r in rows if r["method"] == BASELINE), None)
-    for r in rows:
-        r[f"ratio_to_{BASELINE}"] = r["sec_per_iter"] / base if base else None
+    check_precision(precision)
+    runs = {"fp32": {"precision": "fp32", "channels_last": False},
+            "fast": {"precision": precision, "channels_last": True}}
+    rows = []
+    for name in methods:
+        pair = {path: {"path": path, **bench_in_subprocess(name, params, batch, crop, iters, num_classes, **run)}
+                for path, run in runs.items()}
+        for row in pair.values():
+            row["speedup"] = pair["fp32"]["sec_per_iter"] / pair["fast"]["sec_per_iter"]
+        rows += pair.values()
+    for path in PATHS:
+        base = next((r["sec_per_iter"] for r in rows if r["method"] == BASELINE and r["path"] == path), None)
+        for r in rows:
+            if r["path"] == path:
+                r[f"ratio_to_{BASELINE}"] = r["sec_per_iter"] / base if base else None
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_json, json.dumps(rows, indent=2) + "\n")
     if echo:
@@ -148,11 +189,23 @@ def bench_train(methods: list[str] | None, params: Params, *, batch: int, crop: 
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'method':<14}{'s/iter':>10}{'peak RSS MiB':>14}{'x ' + BASELINE:>12}"]
+    """One line per method: s/iter in fp32 and on the fast path, the speed-up, peak RSS, ratio to fixmatch."""
+    by_method: dict[str, dict[str, dict]] = {}
     for r in rows:
-        ratio = r.get(f"ratio_to_{BASELINE}")
-        lines.append(f"{r['method']:<14}{r['sec_per_iter']:>10.3f}{r['peak_rss_mib']:>14.0f}"
-                     f"{(f'{ratio:.2f}' if ratio is not None else '-'):>12}")
+        by_method.setdefault(r["method"], {})[r["path"]] = r
+    lines = [f"{'method':<14}{'fp32 s/iter':>13}{'fast s/iter':>13}{'speed-up':>10}{'peak RSS MiB':>16}"
+             f"{'fast x ' + BASELINE:>16}"]
+    for name, pair in by_method.items():
+        slow, fast = pair["fp32"], pair["fast"]
+        ratio = fast.get(f"ratio_to_{BASELINE}")
+        lines.append(f"{name:<14}{slow['sec_per_iter']:>13.3f}{fast['sec_per_iter']:>13.3f}{fast['speedup']:>9.2f}x"
+                     f"{slow['peak_rss_mib']:>8.0f}/{fast['peak_rss_mib']:<7.0f}"
+                     f"{(f'{ratio:.2f}' if ratio is not None else '-'):>16}")
+    fast = next((r for r in rows if r["path"] == "fast"), None)
+    if fast is not None:
+        lines.append(f"fp32 = fp32, contiguous; fast = {fast['precision']}, channels_last. {fast['arch']} / "
+                     f"{fast['encoder']}, batch {fast['batch']}, crop {fast['crop']}, {fast['device']}, "
+                     f"{fast['torch_threads']} threads")
     return "\n".join(lines)
 
 
@@ -162,10 +215,14 @@ def _main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--crop", type=int, required=True)
     parser.add_argument("--iters", type=int, required=True)
+    parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--params-json", required=True)
     args = parser.parse_args()
     params = from_dict(Params, json.loads(args.params_json), where="bench params")
-    print(json.dumps(bench_one(args.method, params, args.batch, args.crop, args.iters)))
+    print(json.dumps(bench_one(args.method, params, args.batch, args.crop, args.iters, args.classes,
+                               precision=args.precision, channels_last=args.channels_last)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Two files, two purposes:
   checkpoint: its result is the model artifact (in DVC's cache), and `dvc repro -f` trains again. The
   data position needs no state of its own: the loader is a pure function of (seed, micro-batch index).
 - the model artifact (`models/*.pt`, format "s4seg-model/1"): the trained method's state dict plus
-  the configs needed to rebuild it with `load_method`.
+  the configs needed to rebuild it with `load_method`, and the precision it was trained in (`precision`:
+  fp32 | bf16 | fp16, as resolved by s4seg.runtime; absent in artifacts written before it was recorded).
 Both are written atomically (temporary file, then rename).
 """
 
@@ -120,7 +121,8 @@ def load_training_state(path: str | Path, expected_hash: str, map_location: Any 
 # Model artifact
 # --------------------------------------------------------------------------------------------------
 def model_artifact(method: torch.nn.Module, *, model_cfg: ModelConfig, classes: list[str], palette: list[str],
-                   step: int, train_cfg: Any) -> dict[str, Any]:
+                   step: int, train_cfg: Any, precision: str = "fp32") -> dict[str, Any]:
+    """The model file's dict; `precision` is the one training ran in (resolved: fp32 | bf16 | fp16)."""
     return {
         "format": MODEL_FORMAT,
         "model_config": to_dict(model_cfg),
@@ -132,6 +134,7 @@ def model_artifact(method: torch.nn.Module, *, model_cfg: ModelConfig, classes: 
         "state_dict": {k: v.detach().cpu() for k, v in method.state_dict().items()},
         "step": int(step),
         "train_config": to_dict(train_cfg),
+        "precision": precision,
     }
 
 
@@ -156,6 +159,11 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
 
 def load_method(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """Rebuild the trained method (and its model) from a model file, in eval mode on `device`."""
+    return load_method_and_info(path, device)[0]
+
+
+def load_method_and_info(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """`load_method`, and the model file's dict without its state dict (configs, step, precision)."""
     import s4seg.methods  # noqa: F401  (fills the method registry)
     from s4seg.engine.method import build_method
     from s4seg.models import build_model
@@ -172,4 +180,5 @@ def load_method(path: str | Path, device: str | torch.device = "cpu") -> Any:
         method.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: state dict does not match the rebuilt {ckpt['method']} model: {e}") from e
-    return method.to(device).eval()
+    info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return method.to(device).eval(), info

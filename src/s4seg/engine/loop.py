@@ -5,6 +5,11 @@ for each optimiser step: set the poly LR, run `accumulate` micro-batches (forwar
 backward here), average gradients over ranks, step, update the EMA teacher, log, snapshot, checkpoint.
 The method computes losses only (see `s4seg.engine.method`).
 
+Precision and memory format come from `s4seg.runtime` (`cfg.precision`, resolved once here): the forward
+passes run under its autocast, model and images are channels_last; backward, optimiser step and EMA
+update run outside autocast on the fp32 parameters. The resolved precision is part of the run's identity
+(a checkpoint written in bf16 is not resumed in fp32) and is recorded in the model artifact.
+
 Units: a micro-batch is `batch_size` labeled tiles (+ the same number of unlabeled tiles and CutMix
 partners); a step is one optimiser step over `accumulate` micro-batches. Epochs are counted in
 micro-batches (one pass over the unlabeled tiles, or over the labeled tiles with `labeled_only`).
@@ -45,8 +50,8 @@ from s4seg.engine.optim import Optimizers
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.engine.progress import Progress, format_duration
 from s4seg.errors import ParamsError
-from s4seg.evaluation.sliding import to_input
 from s4seg.io import atomic_path
+from s4seg.runtime import Runtime, make_runtime, to_input
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +200,14 @@ class PseudoLabelSnapshots:
         self.images = None if images is None else to_input(images)
         self.taken: list[tuple[int, PseudoLabels]] = []
 
-    def take(self, step: int, method: Method, device: torch.device) -> None:
+    def take(self, step: int, method: Method, runtime: Runtime) -> None:
         if self.images is None:
             return
         was_training = method.training
         rng = capture_rng()
         method.eval()
-        with torch.no_grad():
-            pseudo = method.pseudo_labels(self.images.to(device))
+        with torch.no_grad(), runtime.autocast():  # as training labels its batches
+            pseudo = method.pseudo_labels(runtime.images(self.images))
         method.train(was_training)
         restore_rng(rng)
         regions = None if pseudo.regions is None else pseudo.regions.cpu()
@@ -268,7 +273,10 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     if ctx.is_main:
         log.info("training %s on %s (world size %d)", method.name, device, ctx.world_size)
     seed_everything(seed + ctx.rank)  # method randomness (dropout masks) differs per rank
-    method.to(device)
+    runtime = make_runtime(device, cfg.precision, where=f"{section}.precision")
+    if ctx.is_main:
+        log.info("%s precision: %s (%s.precision = %s)", section, runtime.describe(), section, cfg.precision)
+    runtime.module(method)
     method.on_fit_start()  # before resume (a checkpoint overrides it) and before DDP's broadcast
 
     # Data schedule ---------------------------------------------------------------------------------
@@ -281,11 +289,9 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                  steps, cfg.accumulate, ctx.world_size, cfg.batch_size,
                  steps * cfg.accumulate / schedule.batches_per_epoch, schedule.batches_per_epoch)
 
-    # Optimiser and AMP -----------------------------------------------------------------------------
+    # Optimiser and gradient scaler (fp16 only: bf16 has fp32's exponent range) --------------------------
     optimizers = Optimizers(method, cfg, base_lr)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
 
     # Resume ----------------------------------------------------------------------------------------
     train_keys = {k: v for k, v in to_dict(cfg).items() if k not in _PRESENTATION_KEYS}
@@ -293,7 +299,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
         "train": train_keys, "method": method.name, "method_config": method.cfg, "model": model_cfg,
         "seed": seed, "world_size": ctx.world_size, "labeled_only": labeled_only,
         "labeled": split.labeled.tolist(), "unlabeled": split.unlabeled.tolist(), "store": len(store),
-        "code": code_hash(), **identity,
+        "code": code_hash(), "precision": runtime.precision, **identity,
     })
     ckpt_path = checkpoint_dir / "last.pt"
     # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimiser state
@@ -344,14 +350,14 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     batches = iter(loader)
     progress = Progress(steps, step, f"{section} {method.name}", enabled=ctx.is_main)
     if snapshots is not None and ctx.is_main and step == 0 and cfg.snapshot_every > 0:
-        snapshots.take(0, method, device)
+        snapshots.take(0, method, runtime)
     started = time.perf_counter()
     method.train()
     while step < steps:
         lr = optimizers.start_step(step, steps)
         for _ in range(micro_per_step):
-            batch = next(batches).to(device)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            batch = next(batches).to(device, memory_format=runtime.memory_format)
+            with runtime.autocast():
                 out = method.training_step(batch, step)
             optimizers.backward(out, scaler, micro_per_step)
             stats.add(out, batch)
@@ -378,7 +384,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                 log.info("%s %s: %d steps to go at %.2f s/iter, about %s", section, method.name, steps - step,
                          rate, format_duration(rate * (steps - step)))
         if snapshots is not None and ctx.is_main and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0:
-            snapshots.take(step, method, device)
+            snapshots.take(step, method, runtime)
         if step % cfg.checkpoint_every == 0 or epoch_end or step == steps:
             save_checkpoint()
     progress.close()
@@ -388,12 +394,13 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     distributed.average_buffers(method, ctx.world_size)
     # every rank runs the same tiles in the same order, so the networks stay identical across ranks
     bn_tiles = precise_bn_tiles(split, cfg.precise_bn)
-    recomputed = recompute_bn_stats(method.networks(), store, bn_tiles, batch_size=cfg.batch_size * 2, device=device)
+    recomputed = recompute_bn_stats(method.networks(), store, bn_tiles, batch_size=cfg.batch_size * 2, device=device,
+                                    precision=runtime.precision)
     if recomputed and ctx.is_main:
         log.info("PreciseBN: BN statistics recomputed over %d training tiles (%s)", len(bn_tiles), cfg.precise_bn)
     if ctx.is_main:
         artifact = model_artifact(method, model_cfg=model_cfg, classes=store.classes, palette=store.palette,
-                                  step=step, train_cfg=cfg)
+                                  step=step, train_cfg=cfg, precision=runtime.precision)
         artifact["seed"] = seed
         save_torch_atomic(artifact, out_path)
         # the run is complete and its result is the artifact: leave no resume point behind, so that

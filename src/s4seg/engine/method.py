@@ -62,14 +62,15 @@ class Batch:
         return Batch(**{f.name: (v.pin_memory() if isinstance(v, Tensor) else v)
                         for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            **{
-                f.name: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
-                for f in dataclasses.fields(self)
-                for v in [getattr(self, f.name)]
-            }
-        )
+    def to(self, device: torch.device, memory_format: torch.memory_format = torch.preserve_format) -> Batch:
+        """On `device`; images (the 4-D fields) in `memory_format` (s4seg.runtime.Runtime.memory_format)."""
+        def move(v: Tensor) -> Tensor:
+            if v.ndim == 4:
+                return v.to(device, non_blocking=True, memory_format=memory_format)
+            return v.to(device, non_blocking=True)
+
+        return Batch(**{f.name: (move(v) if isinstance(v, Tensor) else v)
+                        for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Method(nn.Module):
     def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
         """Hard pseudo-labels of weak views with the method's own selection rule (default: keep all valid)."""
         logits = self.predict(images)
-        conf, label = logits.softmax(dim=1).max(dim=1)
+        conf, label = logits.float().softmax(dim=1).max(dim=1)  # fp32 confidences under autocast
         keep = torch.ones_like(label, dtype=torch.bool) if valid is None else valid.bool()
         return PseudoLabels(label=label, conf=conf, keep=keep, logits=logits)
 

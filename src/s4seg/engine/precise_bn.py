@@ -19,7 +19,9 @@ images for every method, so the supervised baseline gets the same statistics as 
 Measured effect on the synthetic default: README "Measured on the embedded default". The papers'
 models either have no BN (UniMatch V2's DPT) or train with SyncBN over 4 GPUs.
 The weights are untouched and no RNG is drawn (the networks here have no dropout), so the training
-run and its checkpoints do not change; only the final artifact's buffers do.
+run and its checkpoints do not change; only the final artifact's buffers do. The passes run in the
+training's precision and memory format (`precision`, s4seg.runtime), so the statistics are those of the
+activations the network computes; the buffers themselves stay fp32.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from s4seg.data.split import Split
 from s4seg.data.store import TileStore
-from s4seg.evaluation.sliding import to_input
+from s4seg.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,21 @@ def batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _image_batches(store: TileStore, tile_ids: Sequence[int], batch_size: int,
-                   device: torch.device) -> Iterator[Tensor]:
+def _image_batches(store: TileStore, tile_ids: Sequence[int], batch_size: int, runtime: Runtime) -> Iterator[Tensor]:
     for start, stop in batch_bounds(len(tile_ids), batch_size):
-        yield to_input(np.stack([store.image(i) for i in tile_ids[start:stop]]), device)
+        yield runtime.input(np.stack([store.image(i) for i in tile_ids[start:stop]]))
 
 
 @torch.no_grad()
 def recompute_bn_stats(nets: Sequence[nn.Module], store: TileStore, tile_ids: Sequence[int], *,
-                       batch_size: int, device: torch.device) -> int:
+                       batch_size: int, device: torch.device, precision: str = "fp32") -> int:
     """Replace the BN running statistics of each of `nets` by their mean over `tile_ids`' images.
 
     Returns how many networks were recomputed. Each net keeps its train/eval mode. With fewer than
-    two tiles nothing is recomputed (a batch of one has no variance after global pooling).
+    two tiles nothing is recomputed (a batch of one has no variance after global pooling). The nets
+    run on `device` in `precision` (s4seg.runtime; `fit` passes the training's resolved precision).
     """
+    runtime = make_runtime(device, precision, where="precise_bn precision")
     if len(tile_ids) < 2:
         if tile_ids:
             log.warning("PreciseBN skipped: one training tile is not enough to estimate BN statistics")
@@ -86,8 +89,10 @@ def recompute_bn_stats(nets: Sequence[nn.Module], store: TileStore, tile_ids: Se
         for m in trained:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: the plain mean over batches
-        for images in _image_batches(store, tile_ids, batch_size, device) if trained else ():
-            net(images)
+        runtime.module(net)
+        for images in _image_batches(store, tile_ids, batch_size, runtime) if trained else ():
+            with runtime.autocast():
+                net(images)
         for m, momentum in momenta.items():
             m.momentum = momentum
         net.train(was_training)

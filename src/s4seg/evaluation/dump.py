@@ -19,7 +19,7 @@ Blosc/zstd, one chunk per tile along the first axis), readable with plain `zarr`
     attrs: format, method, iteration (training step of the model), params_hash, model (path), classes,
            palette, dataset, tile_size, tiles (path of the tile store), num_tiles, layers (every array above,
            as paths), regions ("connected components, per class, 8-connectivity" or "method"),
-           min_region_pixels, conf_dtype
+           min_region_pixels, conf_dtype, precision (the dump's, resolved: fp32 | bf16 | fp16)
 
 Example, with plain zarr:
 
@@ -68,6 +68,7 @@ from s4seg.engine.method import Method, PseudoLabels
 from s4seg.evaluation.pseudo_quality import PseudoQuality
 from s4seg.evaluation.regions import pseudo_regions, region_table, relabel_regions
 from s4seg.io import atomic_dir, atomic_path
+from s4seg.runtime import make_runtime
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def _to_numpy(t: Any) -> np.ndarray:
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    if not isinstance(t, torch.Tensor):
+        return np.asarray(t)
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # NumPy has no bfloat16
 
 
 def _read_batch(store: TileStore, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,16 +122,18 @@ def iter_pseudo_labels(
     *,
     batch_size: int = 8,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
     progress: bool | None = None,
     desc: str = "pseudo-labels",
 ) -> Iterator[PseudoBatch]:
     """Yield the method's pseudo-labels of `tile_ids`, batch by batch (eval mode, no grad).
 
-    Images are read one batch ahead in a thread. `progress=None` shows a bar only when stderr is a TTY.
+    The method runs on `device` in `precision` (s4seg.runtime: autocast, channels_last). Images are read
+    one batch ahead in a thread. `progress=None` shows a bar only when stderr is a TTY.
     """
     tile_ids = np.asarray(tile_ids, dtype=np.int64)
-    device = select_device(device) if isinstance(device, str) else device
-    method.to(device).eval()
+    runtime = make_runtime(device, precision, where="dump.precision")
+    runtime.module(method).eval()
     if progress is None:
         progress = sys.stderr.isatty()
     starts = list(range(0, len(tile_ids), batch_size))
@@ -140,9 +146,8 @@ def iter_pseudo_labels(
             nxt = start + batch_size
             pending = reader.submit(_read_batch, store, tile_ids[nxt : nxt + batch_size]) if nxt < len(
                 tile_ids) else None
-            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            with torch.no_grad():
-                pl = method.pseudo_labels(x)
+            with torch.no_grad(), runtime.autocast():
+                pl = method.pseudo_labels(runtime.input(images))
             yield _as_numpy(pl, slice(start, start + len(ids)), ids, gt)
             bar.update(len(ids))
 
@@ -273,6 +278,7 @@ def write_dump(
     *,
     batch_size: int = 8,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
     min_region_pixels: int = 1,
     attrs: dict[str, Any] | None = None,
     progress: bool | None = None,
@@ -281,17 +287,18 @@ def write_dump(
 
     `attrs` adds or overrides attributes (the stage passes iteration, params_hash, model, tiles).
     """
+    runtime = make_runtime(device, precision, where="dump.precision")
     if store.num_classes > 255:
         raise ValueError(f"{store.path}: {store.num_classes} classes do not fit the dump's uint8 pseudo-labels")
     base = {"method": method.name or type(method).__name__, "iteration": None, "params_hash": None,
             "classes": store.classes, "palette": store.palette, "dataset": store.dataset,
-            "tiles": str(store.path)}
+            "tiles": str(store.path), "precision": runtime.precision}
     with atomic_dir(path) as tmp:
         writer = _DumpWriter(tmp, len(tile_ids), store.tile_size, store.num_classes, min_region_pixels)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-write") as pool:
             pending: Future | None = None
-            for batch in iter_pseudo_labels(method, store, tile_ids, batch_size=batch_size, device=device,
-                                            progress=progress, desc="dump"):
+            for batch in iter_pseudo_labels(method, store, tile_ids, batch_size=batch_size, device=runtime.device,
+                                            precision=runtime.precision, progress=progress, desc="dump"):
                 if pending is not None:
                     pending.result()  # one batch in flight: bounded memory, errors surface here
                 pending = pool.submit(writer.write, batch)
@@ -309,6 +316,7 @@ def measure_quality(
     *,
     batch_size: int = 8,
     device: str | torch.device = "auto",
+    precision: str = "fp32",
     min_region_pixels: int = 1,
     threshold: float | None = None,
     progress: bool | None = None,
@@ -319,7 +327,7 @@ def measure_quality(
     model with the trained method's fixed confidence threshold); regions are connected components.
     """
     quality = PseudoQuality(store.num_classes)
-    for b in iter_pseudo_labels(method, store, tile_ids, batch_size=batch_size, device=device,
+    for b in iter_pseudo_labels(method, store, tile_ids, batch_size=batch_size, device=device, precision=precision,
                                 progress=progress, desc="warmup pseudo-labels"):
         keep = b.keep if threshold is None else b.conf >= threshold
         for i in range(len(b.tile_ids)):
@@ -379,26 +387,27 @@ def warmup_threshold(method_config: dict[str, Any] | Any) -> float | None:
 
 
 def benchmark_dump(method: Method, store: TileStore, tile_ids: Sequence[int], out: str | Path, *,
-                   batch_size: int = 8, device: str = "auto", repeats: int = 1) -> dict[str, float]:
+                   batch_size: int = 8, device: str = "auto", precision: str = "fp32",
+                   repeats: int = 1) -> dict[str, float]:
     """Seconds of plain inference (read tiles + `predict` + argmax) and of `write_dump` over the same tiles.
 
     The two alternate `repeats` times and the fastest run of each is reported, which damps the noise of a
     shared machine.
     """
-    dev = select_device(device)
-    method.to(dev).eval()
+    runtime = make_runtime(select_device(device), precision, where="dump.precision")
+    runtime.module(method).eval()
     ids = np.asarray(tile_ids, dtype=np.int64)
     inference, dump = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), runtime.autocast():
             for s in range(0, len(ids), batch_size):
                 images, _ = _read_batch(store, ids[s : s + batch_size])
-                x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-                method.predict(x).argmax(dim=1).cpu()
+                method.predict(runtime.input(images)).argmax(dim=1).cpu()
         inference.append(time.perf_counter() - start)
         start = time.perf_counter()
-        write_dump(method, store, ids, out, batch_size=batch_size, device=dev, progress=False)
+        write_dump(method, store, ids, out, batch_size=batch_size, device=runtime.device, precision=precision,
+                   progress=False)
         dump.append(time.perf_counter() - start)
     return {"tiles": float(len(ids)), "inference_s": min(inference), "dump_s": min(dump),
             "ratio": min(dump) / min(inference)}

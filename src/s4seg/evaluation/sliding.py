@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from s4seg.data.store import TileStore
 from s4seg.errors import ParamsError
+from s4seg.runtime import to_input  # lives below the engine, which shares it; importable from here as before
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,6 @@ ReadRows = Callable[[int, int], np.ndarray | Tensor]  # (top, bottom) -> uint8 (
 def _progress(total: int, desc: str) -> tqdm:
     # One bar per loop on stderr, silent when stderr is not a terminal (DVC logs, CI).
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty())
-
-
-def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1] on `device`."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @torch.no_grad()

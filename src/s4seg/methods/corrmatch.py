@@ -140,7 +140,7 @@ def correlation_map(query: Tensor, key: Tensor) -> Tensor:
     """C of Eq. (4) from q = w1 f and k = w2 f, both (B, K, HW): softmax over j of q_i . k_j / sqrt(K),
     scaled before the softmax (code), so every row C[b, i, :] sums to one. Returns (B, HW, HW)."""
     scores = torch.bmm(query.transpose(1, 2), key) * query.shape[1] ** -0.5
-    return scores.softmax(dim=-1)
+    return scores.float().softmax(dim=-1)  # fp32 under autocast: rows of up to HW small probabilities
 
 
 class CorrelationHead(nn.Module):

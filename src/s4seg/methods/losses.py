@@ -51,14 +51,15 @@ def labeled_ce(logits: Tensor, target: Tensor) -> Tensor:
 
     A batch with no labeled pixel at all gives 0 (with a graph), not the NaN of `F.cross_entropy`'s mean.
     """
-    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
+    # fp32 under autocast (bf16 logits): the log-softmax and the sum over pixels need its precision
+    ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
     return ce.sum() / (target != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def unlabeled_ce(logits: Tensor, label: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
     """L_u, Eq. (4): CE of a strong view against the hard pseudo-label on kept pixels (conf >= tau),
     summed over the batch and divided by the number of valid (non-padding) pixels, not of kept ones."""
-    ce = F.cross_entropy(logits, label, reduction="none")  # (B, H, W)
+    ce = F.cross_entropy(logits.float(), label, reduction="none")  # (B, H, W), fp32 under autocast
     return (ce * keep).sum() / valid.sum().clamp_min(1)
 
 
@@ -71,7 +72,7 @@ def select_confident(logits: Tensor, tau: float, valid: Tensor | None = None) ->
     No temperature, sharpening or distribution alignment (reference V2 §1 step 2). `>=`, so tau = 0 keeps
     every valid pixel (UniMatch's Cityscapes setting) and a pixel at exactly tau is kept.
     """
-    prob = logits.detach().float().softmax(dim=1)  # float32 even under AMP
+    prob = logits.detach().float().softmax(dim=1)  # fp32 even under autocast: conf >= tau compares fp32
     conf, label = prob.max(dim=1)
     keep = conf >= tau
     if valid is not None:

@@ -28,7 +28,7 @@ def supervised_loss(logits: Tensor, y: Tensor) -> Tensor:
 
     A batch with no valid pixel gives 0 (with a gradient path), not NaN.
     """
-    ce = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX, reduction="sum")  # fp32 under autocast
     return ce / (y != IGNORE_INDEX).sum().clamp_min(1)
 
 

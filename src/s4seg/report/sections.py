@@ -59,6 +59,17 @@ def headline_values(ctx: ReportContext) -> dict[tuple[str, str], dict[str, float
     return out
 
 
+def precision_line(ctx: ReportContext) -> str | None:
+    """How the models were trained and evaluated (the `precision` attribute evaluate writes to predictions.zarr)."""
+    group = ctx.open_zarr("predictions")
+    info = group.attrs.get("precision") if group is not None else None
+    if not info:
+        return None
+    trained = ", ".join(f"`{model}` {p or 'unrecorded'}" for model, p in (info.get("trained") or {}).items())
+    return (f"precision: trained in {trained or '?'}; evaluated in {info.get('evaluate', '?')}; "
+            "weights and images channels_last (s4seg.runtime)")
+
+
 def with_gain(frame: pd.DataFrame) -> pd.DataFrame:
     """Add a `gain` column (student - warmup) when both models are columns."""
     if BASE in frame.columns and NEW in frame.columns:
@@ -145,6 +156,9 @@ def overview(ctx: ReportContext) -> Section:
         f"dataset: `{dataset.get('name', '?')}`, {len(ctx.classes)} classes ({', '.join(ctx.classes)})",
         *headline(ctx, method, init),
     ]
+    precision = precision_line(ctx)
+    if precision is not None:
+        items.append(precision)
     return Section("Overview", [Bullets(tuple(items))])
 
 
