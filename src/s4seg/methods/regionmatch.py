@@ -411,7 +411,8 @@ class WeakView:
         return PseudoLabels(
             label=self.label, conf=self.conf, keep=self.keep, regions=self.regions.to(torch.int32),
             extra={"region_classifier_label": paint(label_r.to(torch.uint8), self.regions, NO_REGION_CLASS),
-                   "region_classifier_conf": paint(conf_r.to(torch.float16), self.regions, 0.0),
+                   # painted in fp32, stored as fp16: autocast's torch.cat rejects fp16 inside a bf16 region
+                   "region_classifier_conf": paint(conf_r.float(), self.regions, 0.0).to(torch.float16),
                    "prspl_mask": self.prspl},
         )
 
