@@ -29,6 +29,7 @@ from s4seg.predict import (
     output_stems,
     predict_files,
 )
+from s4seg.runtime import make_runtime
 
 K = 4
 PALETTE = ["#8429F6", "#E2A929", "#3C1098", "#FEDD3A"]
@@ -114,10 +115,11 @@ def test_model_file_matches_evaluate_pixel_for_pixel(model_file, tmp_path):
                                          tmp_path / "c.tif"], out, options, device="cpu")
 
     method = load_method(model_file)
+    runtime = make_runtime("cpu", "auto")  # evaluate's runtime with evaluate.precision = auto, as predict's default
     for result in results:
         image = np.asarray(Image.open(result.path).convert("RGB")) if result.path.suffix != ".tif" \
             else tifffile.imread(result.path)  # the decoded JPEG, not the array it was saved from
-        expected = predict_scene(method.predict, image, WINDOW, 0.5, K, 3)  # what evaluate runs on a scene
+        expected = predict_scene(runtime.predictor(runtime.module(method).predict), image, WINDOW, 0.5, K, 3)
         np.testing.assert_array_equal(read(result.outputs["mask"]), expected)
         assert len(np.unique(expected)) > 1, "a one-class prediction would not test much"
         np.testing.assert_array_equal(read(result.outputs["color"]),

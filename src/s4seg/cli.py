@@ -157,7 +157,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     given = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch,
              "max_memory_mb": args.max_memory_mb}
     options = PredictOptions(color=args.color, **{k: v for k, v in given.items() if v is not None})
-    for result in predict_files(args.model, args.inputs, args.output, options, device=args.device):
+    for result in predict_files(args.model, args.inputs, args.output, options, device=args.device,
+                                precision=args.precision):
         print(result.outputs["mask"])
 
 
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="models/student.pt", help="an s4seg model file (default: %(default)s)")
     p.add_argument("--color", action="store_true", help="also write the mask in the class palette")
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 where native, else fp32; as evaluate) | fp32 | bf16 | fp16 (CUDA)")
     p.add_argument("--batch", type=int, help="windows per forward pass (default: 8, as evaluate)")
     p.add_argument("--window", type=int, help="sliding-window side in pixels (default: 256, the default tile size)")
     p.add_argument("--overlap", type=float, help="share of a window its neighbour covers (default: 1/3, as evaluate)")

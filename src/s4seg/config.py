@@ -178,6 +178,7 @@ class TrainStageConfig(TrainConfig):
     init: str = "warmup"  # warmup | pretrained
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.init not in TRAIN_INITS:
             raise ParamsError(f"init = {self.init!r}: expected one of {', '.join(TRAIN_INITS)} "
                               "(warmup: start from models/warmup.pt; pretrained: from the model.weights encoder, "

@@ -15,7 +15,8 @@ GDAL_NODATA in every band, or transparent in an alpha band.
 
 Prediction is `evaluate`'s: the same sliding window and softmax averaging
 (`s4seg.evaluation.sliding.iter_scene_bands`) through the method's own `predict`, so a method with
-a teacher or an ensemble predicts here as it is scored there. Everything needed comes from the
+a teacher or an ensemble predicts here as it is scored there, in the same runtime (`s4seg.runtime`:
+channels_last, and `precision`, default auto as `evaluate.precision`). Everything needed comes from the
 model file (classes, palette, architecture; the model normalises its input itself).
 
 Memory: the sweep holds about one window of rows of probabilities (a ring of rows). A TIFF whose whole image and
@@ -29,6 +30,7 @@ failure leaves no partial file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import logging
 import math
@@ -50,6 +52,7 @@ from s4seg.config import IGNORE_INDEX, EvaluateConfig, TilingConfig
 from s4seg.errors import CheckpointError, DataError, ParamsError
 from s4seg.evaluation.sliding import Predict, ReadRows, iter_scene_bands, labels_and_confidence
 from s4seg.io import atomic_path
+from s4seg.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,9 @@ class Predictor:
         return len(self.classes)
 
 
-def load_predictor(path: str | Path, device: torch.device) -> Predictor:
-    """Rebuild the method of a model file on `device`; its `predict` (teacher, ensemble) is used as is."""
+def load_predictor(path: str | Path, runtime: Runtime) -> Predictor:
+    """Rebuild the method of a model file on the runtime's device and memory format; its `predict` (teacher,
+    ensemble) is used as is (`predict_files` runs it under the runtime)."""
     from s4seg.engine.checkpoint import load_method, read_model_file
 
     try:
@@ -125,7 +129,7 @@ def load_predictor(path: str | Path, device: torch.device) -> Predictor:
     classes = list(artifact.get("classes") or [f"class {i}" for i in range(num_classes)])
     palette = list(artifact.get("palette") or [])
     del artifact  # load_method reads the file again; do not hold two copies of the weights
-    method = load_method(path, device)
+    method = runtime.module(load_method(path, runtime.device))
     if len(classes) != num_classes or len(palette) not in (0, num_classes):
         raise CheckpointError(f"{path}: the model predicts {num_classes} classes but lists {len(classes)} class "
                               f"names and {len(palette)} colours; re-run the stage that wrote it")
@@ -565,9 +569,12 @@ def predict_files(
     out_dir: str | Path,
     options: PredictOptions | None = None,
     device: str = "auto",
-    loader: Callable[[Path, torch.device], Predictor] = load_predictor,
+    loader: Callable[[Path, Runtime], Predictor] = load_predictor,
+    precision: str = "auto",
 ) -> list[SceneResult]:
     """`s4seg predict`: every image of `inputs` through the model file `model`, outputs in `out_dir`.
+
+    The model runs on `device` in `precision` (auto | fp32 | bf16 | fp16, s4seg.runtime), channels_last.
 
     Every input is checked (readable, 8-bit RGB) and the model is loaded before anything is written.
     """
@@ -582,10 +589,12 @@ def predict_files(
         for q in output_paths(info, stem, options.color).values()}
     if clashes:
         raise DataError(f"{sorted(clashes)[0]}: an input would be overwritten by an output; choose another -o")
-    dev = resolve_device(device)
-    predictor = loader(Path(model), dev)
-    log.info("%s: %d classes (%s), window %d, overlap %.2f, device %s; %d image(s)", model, predictor.num_classes,
-             ", ".join(predictor.classes), options.window, options.overlap, dev, len(infos))
+    runtime = make_runtime(resolve_device(device), precision, where="--precision")
+    dev = runtime.device
+    predictor = loader(Path(model), runtime)
+    predictor = dataclasses.replace(predictor, predict=runtime.predictor(predictor.predict))
+    log.info("%s: %d classes (%s), window %d, overlap %.2f, %s; %d image(s)", model, predictor.num_classes,
+             ", ".join(predictor.classes), options.window, options.overlap, runtime.describe(), len(infos))
     results = [predict_image(predictor, info, stem, options, dev) for info, stem in zip(infos, stems, strict=True)]
     megapixels, seconds = sum(r.height * r.width for r in results) / 1e6, sum(r.seconds for r in results)
     log.info("%d image(s), %.1f Mpx in %.1f s (%.2f s/Mpx)", len(results), megapixels, seconds,
