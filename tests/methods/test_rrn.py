@@ -36,6 +36,7 @@ from s4seg.methods.rrn import (
     region_mask,
     selection_loss,
 )
+from s4seg.runtime import make_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 import engine_helpers as h  # noqa: E402
@@ -464,6 +465,7 @@ def test_two_steps_through_fit_then_reload_and_predict(store, tmp_path, monkeypa
     images = torch.rand(1, 3, 20, 24)
     method.eval()
     assert loaded.predict(images).shape == (1, len(h.CLASSES), 20, 24)
+    make_runtime("cpu").module(loaded)  # fit leaves its method channels_last: same layout, same rounding
     assert torch.equal(loaded.predict(images), method.predict(images))
 
     # the dump holds what training selects on: branch 2's label and the four rc maps as extra layers
