@@ -3,7 +3,8 @@
     s4seg tile      [--params params.yaml] [--tiles data/tiles.zarr] [--split data/split.parquet]
     s4seg inspect   dumps/pseudo.zarr (--tile ID | --scene NAME) -o out.png | --summary
     s4seg bench     train [--methods fixmatch,unimatch,...] [--iters N] [--batch B] [--crop C] [--precision P]
-                          [--reference]  each method in fp32 and on the fast path (channels_last, bf16 where native)
+                          [--threads T] [--reference]  each method in fp32 and on the fast path (channels_last,
+                          bf16 where native); --reference: UniMatch's configuration
     s4seg predict   [--model models/student.pt] IMAGE|FOLDER|GLOB... -o OUT_DIR [--color] [--window W] ...
     s4seg preset    NAME [--run]  the `-S ++key=value` overrides of a preset; --run runs `dvc exp run` with them.
                                   The budget they give (warmup and train steps or epochs, train.init) goes to stderr.
@@ -148,7 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         methods = methods or list(REFERENCE["methods"])
         out = args.out or "reports/bench/reference.json"
     bench_train(methods, params, batch=batch, crop=crop, iters=args.iters, out_json=out, precision=args.precision,
-                num_classes=classes)
+                num_classes=classes, threads=args.threads)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="store_true",
                    help="UniMatch's reference configuration: DeepLabV3+ ResNet-50 deep stem, random init, 21 classes, "
                         "crop 321, batch 2; methods supervised,unimatch unless --methods")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: one per core); 1 on a loaded machine")
     p.add_argument("--out", help="default reports/bench/train.json (reference.json with --reference)")
     p.set_defaults(func=_cmd_bench)
 

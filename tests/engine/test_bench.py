@@ -88,8 +88,9 @@ def test_cli_reference_mode_passes_its_configuration(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(bench, "bench_train", lambda methods, params, **kw: seen.update(methods=methods,
                                                                                         params=params, **kw))
-    cli.main(["bench", "train", "--reference", "--iters", "2", "--params", str(SHIPPED_PARAMS)])
+    cli.main(["bench", "train", "--reference", "--iters", "2", "--threads", "1", "--params", str(SHIPPED_PARAMS)])
     assert seen["methods"] == ["supervised", "unimatch"] and (seen["batch"], seen["crop"]) == (2, 321)
+    assert seen["threads"] == 1
     assert seen["num_classes"] == 21 and seen["params"].model.encoder == "resnet50" and seen["precision"] == "auto"
     assert str(seen["out_json"]).endswith("reference.json")
     cli.main(["bench", "train", "--methods", "fixmatch", "--precision", "fp32", "--params", str(SHIPPED_PARAMS)])
@@ -100,6 +101,7 @@ def test_cli_reference_mode_passes_its_configuration(monkeypatch, tmp_path):
 def test_bench_subprocess_reports_its_own_run():
     from s4seg.engine.bench import bench_in_subprocess
 
-    row = bench_in_subprocess("supervised", _tiny_params(), batch=2, crop=32, iters=1)
+    row = bench_in_subprocess("supervised", _tiny_params(), batch=2, crop=32, iters=1, threads=1)
     assert row["method"] == "supervised" and row["device"] == "cpu" and row["sec_per_iter"] > 0
+    assert row["torch_threads"] == 1 and row["precision"] == "fp32" and row["memory_format"] == "contiguous"
     assert row["peak_rss_mib"] > 50

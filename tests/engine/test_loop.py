@@ -159,6 +159,22 @@ def test_bf16_run_resumes_bit_identically_and_records_its_precision(store, tmp_p
     assert _fit(h.build("toy"), store, tmp_path / "switch", fp32)["resumed_from"] is None
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_steps_run_under_the_runtime(store, tmp_path, precision):
+    """Weights and batch images channels_last; the step inside autocast exactly when the precision asks for it."""
+    method = h.build("toy")
+    original, seen = method.training_step, []
+
+    def observed(batch, step):
+        seen.append((batch.x.is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu")))
+        return original(batch, step)
+
+    method.training_step = observed
+    _fit(method, store, tmp_path, h.tiny_train_config(iterations=2, precision=precision))
+    assert seen == [(True, precision == "bf16")] * 2
+    assert method.model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _checkpoint_of_a_crash(store, out: Path, cfg) -> None:
     with pytest.raises(KeyboardInterrupt):
         _fit(_crashing(h.build("toy"), at_step=2), store, out, cfg)

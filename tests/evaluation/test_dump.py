@@ -136,6 +136,21 @@ def test_extra_layers_and_method_regions(store: TileStore, tmp_path: Path) -> No
     assert g["region_offsets"][:].tolist() == [0, 2, 4, 6, 8, 10]
 
 
+def test_bf16_dump_matches_fp32_within_bf16_rounding(store: TileStore, tmp_path: Path) -> None:
+    """The dump runs under its runtime: a bf16 method output (conf, an extra layer) is stored like an fp32 one
+    (NumPy has no bfloat16), and the confidences agree to bf16's rounding (8 bits: 1/256 near 1)."""
+    fp32, bf16 = tmp_path / "fp32.zarr", tmp_path / "bf16.zarr"
+    write_dump(TinyMethod(extra=True), store, UNLABELED, fp32, batch_size=2, device="cpu", progress=False)
+    write_dump(TinyMethod(extra=True), store, UNLABELED, bf16, batch_size=2, device="cpu", precision="bf16",
+               progress=False)
+    a, b = zarr.open_group(str(fp32), mode="r"), zarr.open_group(str(bf16), mode="r")
+    assert (a.attrs["precision"], b.attrs["precision"]) == ("fp32", "bf16")
+    assert b["conf"].dtype == np.float16 and b["extra/score"].dtype == np.float32
+    np.testing.assert_allclose(b["conf"][:].astype(np.float32), a["conf"][:].astype(np.float32), atol=1e-2)
+    assert not np.array_equal(b["conf"][:], a["conf"][:])  # the model did run in bf16
+    assert (b["pseudo"][:] == a["pseudo"][:]).mean() > 0.95
+
+
 def test_interrupted_dump_keeps_previous_store(store: TileStore, tmp_path: Path) -> None:
     out = tmp_path / "pseudo.zarr"
     write_dump(TinyMethod(), store, UNLABELED[:2], out, batch_size=2, device="cpu", attrs={"iteration": 1},

@@ -7,7 +7,9 @@ over the runs before it:
 - `fast`: what the pipeline runs now: channels_last weights and images, and `precision` (default `auto`:
   bf16 autocast where the hardware has it natively, else fp32; pass `fp32` to show the fallback of a CPU
   without bf16, i.e. channels_last alone).
-The table gives both times and the speed-up fp32 / fast.
+The table gives both times and the speed-up fp32 / fast. `threads` sets torch's intra-op threads of every
+run (default: torch's own, one per core): on a machine other jobs load, fewer threads than cores avoid
+the stalls of a parallel region waiting for a descheduled thread (measured here: 10x slower steps).
 
 One iteration is what the engine does per optimiser step: the method's `training_step` on a synthetic batch
 of the given size (under the run's autocast), backward, optimiser step and the EMA update when the method
@@ -86,7 +88,7 @@ def reference_params(params: Params) -> Params:
 
 
 def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: int, num_classes: int = 6, *,
-              precision: str = "fp32", channels_last: bool = False) -> dict:
+              precision: str = "fp32", channels_last: bool = False, threads: int | None = None) -> dict:
     """Time `iters` iterations of one method in this process, in `precision` (a PRECISIONS value)."""
     import s4seg.methods  # noqa: F401  (registers the methods)
     from s4seg.engine.distributed import pick_device
@@ -96,6 +98,8 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     from s4seg.models import build_model
     from s4seg.runtime import make_runtime
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     runtime = make_runtime(pick_device(params.train.device), precision, where="bench precision",
                            channels_last=channels_last)
@@ -140,11 +144,12 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
 
 
 def bench_in_subprocess(method_name: str, params: Params, batch: int, crop: int, iters: int, num_classes: int = 6,
-                        *, precision: str = "fp32", channels_last: bool = False) -> dict:
+                        *, precision: str = "fp32", channels_last: bool = False, threads: int | None = None) -> dict:
     """`bench_one` in a fresh Python process, so that its peak RSS is its own."""
     cmd = [sys.executable, "-m", "s4seg.engine.bench", "--method", method_name, "--batch", str(batch),
            "--crop", str(crop), "--iters", str(iters), "--classes", str(num_classes), "--precision", precision,
-           "--params-json", json.dumps(to_dict(params))] + (["--channels-last"] if channels_last else [])
+           "--params-json", json.dumps(to_dict(params))] + (["--channels-last"] if channels_last else []) + (
+           ["--threads", str(threads)] if threads is not None else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench of {method_name} ({precision}) failed:\n{proc.stderr[-3000:]}")
@@ -152,7 +157,8 @@ def bench_in_subprocess(method_name: str, params: Params, batch: int, crop: int,
 
 
 def bench_train(methods: list[str] | None, params: Params, *, batch: int, crop: int, iters: int,
-                out_json: str | Path, precision: str = "auto", num_classes: int = 6, echo: bool = True) -> list[dict]:
+                out_json: str | Path, precision: str = "auto", num_classes: int = 6, threads: int | None = None,
+                echo: bool = True) -> list[dict]:
     """Benchmark each method on both paths (`PATHS`), each run in a subprocess; write `out_json` atomically.
 
     Rows: one per (method, path), with `path`, the speed-up fp32 / fast (on both rows of a method) and the
@@ -171,7 +177,8 @@ def bench_train(methods: list[str] | None, params: Params, *, batch: int, crop: 
             "fast": {"precision": precision, "channels_last": True}}
     rows = []
     for name in methods:
-        pair = {path: {"path": path, **bench_in_subprocess(name, params, batch, crop, iters, num_classes, **run)}
+        pair = {path: {"path": path, **bench_in_subprocess(name, params, batch, crop, iters, num_classes,
+                                                           threads=threads, **run)}
                 for path, run in runs.items()}
         for row in pair.values():
             row["speedup"] = pair["fp32"]["sec_per_iter"] / pair["fast"]["sec_per_iter"]
@@ -218,11 +225,12 @@ def _main() -> None:
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--params-json", required=True)
     args = parser.parse_args()
     params = from_dict(Params, json.loads(args.params_json), where="bench params")
     print(json.dumps(bench_one(args.method, params, args.batch, args.crop, args.iters, args.classes,
-                               precision=args.precision, channels_last=args.channels_last)))
+                               precision=args.precision, channels_last=args.channels_last, threads=args.threads)))
 
 
 if __name__ == "__main__":
