@@ -54,6 +54,18 @@ def test_avx512_bf16_alone_counts_and_a_capped_torch_does_not(monkeypatch):
     assert resolve_precision("auto", CPU) == "fp32"
 
 
+@pytest.mark.parametrize(("has_bf16", "auto"), [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cuda_follows_the_gpu(monkeypatch, has_bf16, auto):
+    """Ampere and newer: bf16; older GPUs: fp32 (fp16 needs a gradient scaler and is asked for explicitly)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda) == auto
+    assert resolve_precision("fp16", cuda) == "fp16"
+    if not has_bf16:
+        with pytest.raises(ParamsError, match=r"evaluate.precision = 'bf16' but this GPU has no bf16"):
+            resolve_precision("bf16", cuda, where="evaluate.precision")
+
+
 def test_explicit_values_are_kept(cpu_without_bf16, caplog):
     assert resolve_precision("fp32", CPU) == "fp32"
     rt._warn_emulated.cache_clear()

@@ -90,7 +90,10 @@ def cpu_has_native_bf16() -> bool:
 def native_bf16(device: torch.device) -> bool:
     """bf16 runs natively (faster than fp32) on `device`."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.5 reports native support only
+            return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False
