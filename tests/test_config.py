@@ -17,7 +17,7 @@ def test_shipped_params_load() -> None:
     params = load_params(REPO / "params.yaml")
     assert isinstance(params, Params)
     assert params.method in params.methods
-    assert params.train.scale_range == (0.5, 2.0)
+    assert len(params.train.scale_range) == 2
 
 
 def test_round_trip_through_dict() -> None:
