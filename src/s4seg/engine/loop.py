@@ -352,6 +352,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     if snapshots is not None and ctx.is_main and step == 0 and cfg.snapshot_every > 0:
         snapshots.take(0, method, runtime)
     started = time.perf_counter()
+    timed = False  # the time estimate is logged once, after the first few steps of this process
     method.train()
     while step < steps:
         lr = optimizers.start_step(step, steps)
@@ -379,7 +380,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
             stats = StepStats()
         if step % _BAR_REFRESH_STEPS == 0 or step == steps:
             progress.update(step, loss=f"{out.loss.item():.4f}", lr=f"{lr:.2e}")
-            if step - progress.initial == _BAR_REFRESH_STEPS and ctx.is_main:  # the plan, timed
+            if not timed and ctx.is_main and step - progress.initial >= _BAR_REFRESH_STEPS:  # the plan, timed
+                timed = True
                 rate = progress.seconds_per_step() or 0.0
                 log.info("%s %s: %d steps to go at %.2f s/iter, about %s", section, method.name, steps - step,
                          rate, format_duration(rate * (steps - step)))
