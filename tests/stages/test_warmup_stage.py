@@ -7,15 +7,12 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
 import zarr
 
 from s4seg.cli import run_stage
-from s4seg.config import IGNORE_INDEX
-from s4seg.data.store import TileStoreWriter
 from s4seg.engine.checkpoint import load_method
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,20 +27,9 @@ def _stage(name: str):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory, toy_tiles) -> Path:
     work = tmp_path_factory.mktemp("stage")
-    rng = np.random.default_rng(0)
-    n = 6
-    images = rng.integers(0, 256, size=(n, TILE, TILE, 3), dtype=np.uint8)
-    masks = images.argmax(-1).astype(np.uint8)
-    masks[:, :3] = IGNORE_INDEX
-    writer = TileStoreWriter(work / "tiles.zarr", dataset="toy", classes=["r", "g", "b"],
-                             palette=["#ff0000", "#00ff00", "#0000ff"], tile_size=TILE, stride=TILE)
-    writer.add_scene("s0", images, masks, np.stack([np.zeros(n), np.arange(n) * TILE], 1), TILE, TILE * n)
-    writer.close()
-    roles = ["labeled", "labeled", "unlabeled", "unlabeled", "unlabeled", "test"]
-    pd.DataFrame({"id": np.arange(n), "scene": "s0", "x": np.arange(n) * TILE, "y": 0, "role": roles,
-                  "ratio": 0.4, "seed": 0}).to_parquet(work / "split.parquet")
+    toy_tiles(work, TILE)
     schedule = {"batch_size": 2, "crop": 24, "checkpoint_every": 1, "log_every": 1, "device": "cpu"}
     params = {
         "seed": 0,
