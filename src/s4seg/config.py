@@ -146,6 +146,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    lr_warmup: float = 0.0  # share of the steps with a linear LR ramp from ~0 (engine/optim.py); 0 = off
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
     lr_reference_batch: int | None = None  # linear LR scaling: lr * effective batch / this; null = off
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA): autocast dtype; auto = bf16 where native

@@ -10,7 +10,7 @@ import torch
 
 from s4seg.config import TrainConfig
 from s4seg.engine.loop import effective_lr, total_steps
-from s4seg.engine.optim import build_optimizer, lr_multiplier, poly_lr, set_lr
+from s4seg.engine.optim import build_optimizer, lr_multiplier, poly_lr, set_lr, warmup_steps
 from s4seg.errors import ParamsError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,3 +69,13 @@ def test_total_steps():
     assert total_steps(TrainConfig(epochs=2.0, accumulate=2), batches_per_epoch=5) == 5
     assert total_steps(TrainConfig(epochs=0.01), batches_per_epoch=5) == 1
     assert total_steps(TrainConfig(epochs=2.0, iterations=7), batches_per_epoch=5) == 7
+
+
+def test_linear_warmup_ramps_the_poly_lr_then_leaves_it() -> None:
+    # W = 4 of T = 10: steps 0..3 run at (t+1)/4 of the poly value, step 4 on at the poly value itself
+    for step in range(10):
+        ramp = min(1.0, (step + 1) / 4)
+        assert poly_lr(0.01, step, 10, 0.9, 4) == pytest.approx(0.01 * ramp * (1 - step / 10) ** 0.9)
+    assert poly_lr(0.01, 3, 10, 0.9, 4) == pytest.approx(poly_lr(0.01, 3, 10, 0.9))
+    assert poly_lr(0.01, 0, 10, 0.9, 4) == pytest.approx(0.0025)
+    assert warmup_steps(0.1, 168) == 17 and warmup_steps(0.0, 168) == 0

@@ -78,9 +78,9 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
 def validate(cfg: TrainConfig, where: str) -> None:
     checks = {
         "batch_size": cfg.batch_size >= 1, "crop": cfg.crop >= 1, "accumulate": cfg.accumulate >= 1,
-        "epochs": cfg.epochs > 0, "lr": cfg.lr > 0, "log_every": cfg.log_every >= 1,
+        "epochs": cfg.epochs > 0, "lr": cfg.lr > 0, "lr_warmup": 0 <= cfg.lr_warmup < 1,
         "checkpoint_every": cfg.checkpoint_every >= 1, "snapshot_every": cfg.snapshot_every >= 0,
-        "num_workers": cfg.num_workers >= 0,
+        "num_workers": cfg.num_workers >= 0, "log_every": cfg.log_every >= 1,
         "iterations": cfg.iterations is None or cfg.iterations >= 1,
         "lr_reference_batch": cfg.lr_reference_batch is None or cfg.lr_reference_batch >= 1,
         "scale_range": 0 < cfg.scale_range[0] <= cfg.scale_range[1],

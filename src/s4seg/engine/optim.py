@@ -7,6 +7,10 @@ Conventions (shared by every method):
   Step 0 runs at lr0 and the last step at a small positive LR. The official code sets the LR after
   the step with the index of the step just done, which shifts the curve by one step; the difference
   is one iteration out of T.
+- Optional linear warm-up (`lr_warmup`, a share of T; 0 = off, the papers' setting): the poly LR times
+  (t + 1) / W for the first W = round(lr_warmup * T) steps (Goyal et al. 2017). It matters when `train`
+  starts from a trained model: a poly restart at full height first knocks the warm model out of its
+  minimum (its labeled loss rises over the first steps). The CPS/RRN code ramps over 10 epochs.
 """
 
 from __future__ import annotations
@@ -57,9 +61,15 @@ def build_aux_optimizer(aux: AuxOptimizer) -> torch.optim.Optimizer:
     raise ValueError(f"auxiliary optimiser kind {aux.kind!r} is not supported; choose one of: adam, sgd")
 
 
-def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
-    """lr0 * (1 - step/T) ** power for step in [0, T)."""
-    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** power
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float, warmup_steps: int = 0) -> float:
+    """lr0 * (1 - step/T) ** power for step in [0, T), times (step + 1) / W for step < W = warmup_steps."""
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return base_lr * ramp * (1.0 - min(step, total_steps) / total_steps) ** power
+
+
+def warmup_steps(lr_warmup: float, total_steps: int) -> int:
+    """Steps of the linear LR warm-up: `lr_warmup` (a share of the run) of `total_steps`."""
+    return round(lr_warmup * total_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -79,15 +89,17 @@ class Optimizers:
         self.main = build_optimizer(groups, cfg, base_lr)
         self.aux_specs = method.aux_optimizers()
         self.aux = {name: build_aux_optimizer(spec) for name, spec in self.aux_specs.items()}
-        self.base_lr, self.power = base_lr, cfg.poly_power
+        self.base_lr, self.power, self.lr_warmup = base_lr, cfg.poly_power, cfg.lr_warmup
 
     def start_step(self, step: int, total: int) -> float:
-        """Set every LR for optimiser step `step` of `total` (poly) and zero the gradients; returns the main LR."""
-        lr = poly_lr(self.base_lr, step, total, self.power)
+        """Set every LR for optimiser step `step` of `total` (poly, after the optional linear warm-up) and
+        zero the gradients; returns the main LR. Auxiliary optimisers with `poly` follow the same curve."""
+        ramp = warmup_steps(self.lr_warmup, total)
+        lr = poly_lr(self.base_lr, step, total, self.power, ramp)
         set_lr(self.main, lr)
         self.main.zero_grad(set_to_none=True)
         for name, opt in self.aux.items():
-            set_lr(opt, poly_lr(1.0, step, total, self.power) if self.aux_specs[name].poly else 1.0)
+            set_lr(opt, poly_lr(1.0, step, total, self.power, ramp) if self.aux_specs[name].poly else 1.0)
             opt.zero_grad(set_to_none=True)
         return lr
 
