@@ -284,8 +284,38 @@ def test_cps_trains_each_branch_on_the_other_branchs_mixed_labels() -> None:
     assert torch.equal(out.pseudo.extra["label_2"].long(), labels_w[1])
     with torch.no_grad():
         logits_x = [net(batch.x) for net in method.branches]
-    assert float(out.logs["loss_cps_l"]) == pytest.approx(cross_labeled_cps(*logits_x).item(), rel=1e-5)
+    assert float(out.logs["loss_cps_l"]) == pytest.approx(sum(cross_labeled_cps(*logits_x)).item(), rel=1e-5)
     assert float(make(cps_on_labeled=False).training_step(batch, 0).logs["loss_cps_l"]) == 0.0
+
+
+def test_twin_rampup_weights_only_branch_1_learning_from_the_twin() -> None:
+    """reinit_heads 'twin': branch 1's CPS terms (targets from the re-drawn twin) carry exp(-5 (1 - t/T_r)^2);
+    the twin's terms, L_sup and everything else keep their weight. Same seed, same batch: two identical
+    methods at step 0 (ramp exp(-5)) and at step T_r (ramp 1) differ by (1 - exp(-5)) x branch 1's terms."""
+    batch = make_batch(2, SIZE)
+    losses, methods = {}, {}
+    for step in (0, 25):
+        method = methods[step] = make(lplf=False, drlc=False, twin_rampup=0.25)
+        method.total_steps = 100  # T_r = 25 steps
+        with torch.no_grad():
+            labels_w = [net.eval()(batch.u_w).argmax(1) for net in method.branches]
+            labels_m = [net(batch.u_w_mix).argmax(1) for net in method.branches]
+        method.train()
+        out = method.training_step(batch, step)
+        losses[step] = float(out.loss.detach())
+        assert float(out.logs["twin_ramp"]) == pytest.approx(math.exp(-5) if step == 0 else 1.0)
+    y_2 = paste(labels_w[1], labels_m[1], batch.box1)  # the twin's labels, CutMix-ed as the student input
+    logits, _, valid = _student_logits(methods[25], batch)
+    with torch.no_grad():
+        logits_x = [net(batch.x) for net in methods[25].branches]
+    branch_1 = (F.cross_entropy(logits[0], y_2, reduction="none")[valid].mean()
+                + F.cross_entropy(logits_x[0], logits_x[1].argmax(1))).item()
+    assert losses[25] - losses[0] == pytest.approx((1 - math.exp(-5)) * branch_1, rel=1e-4)
+    # the paper's symmetric random heads, or no known schedule: no ramp
+    both = make(reinit_heads="both", twin_rampup=0.25)
+    both.total_steps = 100
+    assert both.twin_label_weight(0) == 1.0
+    assert make(twin_rampup=0.25).twin_label_weight(0) == 1.0  # total_steps unset
 
 
 def test_gradients_segmentor_loss_never_reaches_a_discriminator_and_back() -> None:

@@ -49,7 +49,6 @@ Choices where the paper is silent or ambiguous (reference part B):
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +57,7 @@ from torch import Tensor, nn
 
 from s4seg.engine.method import AddOnConfig, AddOnMethod, Batch, PseudoLabels, StepOutput, register_method
 from s4seg.errors import ParamsError
-from s4seg.methods.losses import valid_or_all
+from s4seg.methods.losses import gaussian_rampup, valid_or_all
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +156,7 @@ def inter_pixel_loss(logits_t: Tensor, logits_s: Tensor, omega: Tensor, temperat
 
 def rampup_weight(step: int, warmup_steps: int, alpha: float) -> float:
     """alpha(i) = alpha exp(-5 (1 - min(i / i_w, 1))^2), the Gaussian warm-up of §IV-C; i_w = 0: alpha."""
-    if warmup_steps <= 0:
-        return alpha
-    progress = min(step / warmup_steps, 1.0)
-    return alpha * math.exp(-5.0 * (1.0 - progress) ** 2)
+    return alpha * gaussian_rampup(step, warmup_steps)
 
 
 # --------------------------------------------------------------------------------------------------

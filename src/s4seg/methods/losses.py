@@ -27,6 +27,7 @@ UniMatch's feature-perturbed weak view (un-mixed weak targets).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -226,3 +227,11 @@ def check_common(conf_thresh: float, cutmix_partner: str) -> None:
 def check_momentum(ema_gamma: float) -> None:
     if not 0.0 <= ema_gamma < 1.0:
         raise ParamsError(f"ema_gamma must be in [0, 1), found {ema_gamma!r}")
+
+
+def gaussian_rampup(step: int, ramp_steps: int) -> float:
+    """exp(-5 (1 - min(t / T_r, 1))^2), the Gaussian ramp-up of Laine & Aila (2017) from ~0.0067 at step 0
+    to 1 at T_r and after; T_r <= 0: 1 (no ramp)."""
+    if ramp_steps <= 0:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - min(step / ramp_steps, 1.0)) ** 2)
