@@ -155,6 +155,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # iterations; also at the end of every epoch
     log_every: int = 10
     snapshot_every: int = 0  # iterations between pseudo-label snapshots (0 = off)
+    eval_every: int = 0  # iterations between test-mIoU points in the log (curves only; 0 = off)
     snapshot_tiles: int = 4
     precise_bn: str = "all"  # BN statistics of the final networks over training tiles: all | labeled | off
 

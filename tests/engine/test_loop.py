@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from s4seg.config import ModelConfig
+from s4seg.config import IGNORE_INDEX, ModelConfig
 from s4seg.engine import loop
 from s4seg.engine.checkpoint import CHECKPOINT_FORMAT, code_hash
 from s4seg.engine.loop import PseudoLabelSnapshots, fit
@@ -251,6 +252,34 @@ def test_snapshots_do_not_change_training(store, tmp_path):
          snapshots=snaps)
     assert writer.steps == [0, 2, 4] and writer.shapes == [(2, 16, 16)] * 3
     assert _same(_weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "snap" / "model.pt"))
+
+
+def test_eval_every_logs_test_miou_points_without_changing_training(store, tmp_path):
+    """train.eval_every: test mIoU at steps 2 and 4 (and the last, 5), empty cells between; same weights
+    as a run without the curve; each point equals a brute-force count of the tiles' confusion matrix."""
+    # fp32 and no PreciseBN: the model after fit is the one the last point was computed with
+    cfg = {"iterations": 5, "precision": "fp32", "precise_bn": "off"}
+    _fit(h.build("toy"), store, tmp_path / "plain", h.tiny_train_config(**cfg))
+    method = h.build("toy")
+    _fit(method, store, tmp_path / "curve", h.tiny_train_config(**cfg, eval_every=2, log_every=1))
+    assert _same(_weights(tmp_path / "plain" / "model.pt"), _weights(tmp_path / "curve" / "model.pt"))
+    rows = {int(r["step"]): r["test_miou"] for r in _rows(tmp_path / "curve" / "log.csv")}
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert rows[1] == rows[3] == ""
+    points = {step: float(rows[step]) for step in (2, 4, 5)}
+    assert all(0.0 <= v <= 1.0 for v in points.values())
+    # the last point, recomputed by hand: per class |pred & gt| / |pred | gt| over the test tiles, mean over
+    # classes present in either
+    test_ids = h.make_split().test
+    method.eval()
+    with torch.no_grad():
+        images = torch.stack([torch.from_numpy(store.image(int(i))).permute(2, 0, 1).float() / 255 for i in test_ids])
+        pred = method.predict(images).argmax(1).numpy()
+    gt = np.stack([store.mask(int(i)) for i in test_ids])
+    pred, gt = pred[gt != IGNORE_INDEX], gt[gt != IGNORE_INDEX]  # ignore pixels count nowhere
+    ious = [((pred == c) & (gt == c)).sum() / ((pred == c) | (gt == c)).sum()
+            for c in range(store.num_classes) if ((pred == c) | (gt == c)).any()]
+    assert points[5] == pytest.approx(float(np.mean(ious)), abs=1e-6)
 
 
 def test_snapshots_survive_a_crash(store, tmp_path):

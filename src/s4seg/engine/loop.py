@@ -50,6 +50,7 @@ from s4seg.engine.optim import Optimizers
 from s4seg.engine.precise_bn import PRECISE_BN_CHOICES, precise_bn_tiles, recompute_bn_stats
 from s4seg.engine.progress import Progress, format_duration
 from s4seg.errors import ParamsError
+from s4seg.evaluation.metrics import ConfusionMatrix
 from s4seg.io import atomic_path
 from s4seg.runtime import Runtime, make_runtime, to_input
 
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 # TrainConfig keys that do not change the training trajectory (how it is observed, or the post-training
 # PreciseBN pass): left out of the resume hash, so changing them re-uses the last checkpoint.
-_PRESENTATION_KEYS = ("num_workers", "checkpoint_every", "log_every", "snapshot_every", "snapshot_tiles", "precise_bn")
+_PRESENTATION_KEYS = ("num_workers", "checkpoint_every", "log_every", "snapshot_every", "snapshot_tiles", "precise_bn",
+                      "eval_every")
 _BAR_REFRESH_STEPS = 5  # the bar's loss needs .item(), a device sync
 
 
@@ -80,7 +82,7 @@ def validate(cfg: TrainConfig, where: str) -> None:
         "batch_size": cfg.batch_size >= 1, "crop": cfg.crop >= 1, "accumulate": cfg.accumulate >= 1,
         "epochs": cfg.epochs > 0, "lr": cfg.lr > 0, "lr_warmup": 0 <= cfg.lr_warmup < 1,
         "checkpoint_every": cfg.checkpoint_every >= 1, "snapshot_every": cfg.snapshot_every >= 0,
-        "num_workers": cfg.num_workers >= 0, "log_every": cfg.log_every >= 1,
+        "num_workers": cfg.num_workers >= 0, "log_every": cfg.log_every >= 1, "eval_every": cfg.eval_every >= 0,
         "iterations": cfg.iterations is None or cfg.iterations >= 1,
         "lr_reference_batch": cfg.lr_reference_batch is None or cfg.lr_reference_batch >= 1,
         "scale_range": 0 < cfg.scale_range[0] <= cfg.scale_range[1],
@@ -179,6 +181,28 @@ class CsvLog:
             if new_file:
                 writer.writeheader()
             writer.writerow(text)
+
+
+@torch.no_grad()
+def test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: Runtime, batch_size: int) -> float | str:
+    """mIoU of `method.predict` on the test tiles, for the curve of `train.eval_every` (test mIoU against
+    iterations). Eval mode with the running BN statistics of training (the final artifact's come from
+    PreciseBN, so its evaluation can differ from the last point); the training RNG is saved and restored
+    and nothing the run learns from is touched, so the run is the same with or without the curve. Never
+    used to pick a model. "" when the split has no test tiles."""
+    if len(tile_ids) == 0:
+        return ""
+    was_training, rng = method.training, capture_rng()
+    method.eval()
+    matrix = ConfusionMatrix(store.num_classes)
+    for start in range(0, len(tile_ids), batch_size):
+        chunk = [int(i) for i in tile_ids[start : start + batch_size]]
+        with runtime.autocast():
+            logits = method.predict(runtime.input(np.stack([store.image(i) for i in chunk])))
+        matrix.update(logits.argmax(dim=1).cpu().numpy(), np.stack([store.mask(i) for i in chunk]))
+    method.train(was_training)
+    restore_rng(rng)
+    return matrix.metrics().miou
 
 
 # --------------------------------------------------------------------------------------------------
@@ -371,9 +395,12 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
 
         epoch_end = (step * micro_per_step) // schedule.batches_per_epoch > (
             (step - 1) * micro_per_step) // schedule.batches_per_epoch
-        if ctx.is_main and (step % cfg.log_every == 0 or step == steps):
+        evaluate_now = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == steps)
+        if ctx.is_main and (step % cfg.log_every == 0 or step == steps or evaluate_now):
             row = {"step": step, "epoch": step * micro_per_step / schedule.batches_per_epoch, "lr": lr,
                    **stats.row()}
+            if cfg.eval_every > 0:  # the column exists from the first row on (the CSV header); empty between
+                row["test_miou"] = test_miou(method, store, split.test, runtime, cfg.batch_size) if evaluate_now else ""
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"{method.name}: loss is {row['loss']} at step {step}; lower the LR")
             csv_log.write(row)

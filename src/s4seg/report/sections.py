@@ -240,12 +240,14 @@ def per_class_iou(ctx: ReportContext) -> Section | None:
 
 
 def _column_groups(columns: list[str]) -> dict[str, list[str]]:
-    """Log columns by panel: losses, learning rates, pseudo-label statistics (by name)."""
-    groups: dict[str, list[str]] = {"loss": [], "learning rate": [], "pseudo-labels": []}
+    """Log columns by panel: losses, learning rates, pseudo-label statistics (by name), test mIoU."""
+    groups: dict[str, list[str]] = {"loss": [], "learning rate": [], "pseudo-labels": [], "test mIoU": []}
     pseudo_words = ("acc", "keep", "kept", "mask", "coverage", "conf", "ratio", "thresh", "tau", "pseudo")
     for c in columns:
         low = c.lower()
-        if low.startswith("loss"):
+        if low.startswith("test_"):  # train.eval_every: a point every few rows
+            groups["test mIoU"].append(c)
+        elif low.startswith("loss"):
             groups["loss"].append(c)
         elif low.startswith("lr"):
             groups["learning rate"].append(c)
@@ -275,7 +277,9 @@ def curves(ctx: ReportContext) -> Section | None:
         axes = fig.subplots(1, len(groups), squeeze=False)[0]
         for ax, (panel, columns) in zip(axes, groups.items(), strict=True):
             for column in columns:
-                ax.plot(x, log[column], label=column, linewidth=1.2)
+                points = log[column].notna()  # sparse columns (test_miou) are empty between their points
+                ax.plot(x[points], log[column][points], label=column, linewidth=1.2,
+                        marker="o" if panel == "test mIoU" else None, markersize=3)
             ax.set_title(panel)
             ax.set_xlabel(str(x.name))
             ax.grid(alpha=0.3)
