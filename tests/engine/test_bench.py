@@ -105,3 +105,32 @@ def test_bench_subprocess_reports_its_own_run():
     assert row["method"] == "supervised" and row["device"] == "cpu" and row["sec_per_iter"] > 0
     assert row["torch_threads"] == 1 and row["precision"] == "fp32" and row["memory_format"] == "contiguous"
     assert row["peak_rss_mib"] > 50
+
+
+def test_timing_sections_are_a_no_op_until_recording_then_add_up():
+    from s4seg import timing
+
+    with timing.section("never"):  # not recording: nothing is kept
+        pass
+    assert timing.recorded() == {}
+    timing.start_recording()
+    for _ in range(3):
+        with timing.section("part"):
+            pass
+    assert set(timing.recorded()) == {"part"} and timing.recorded()["part"] >= 0
+    timing.start_recording()  # resets
+    assert timing.recorded() == {}
+    with timing.section("last"):
+        pass
+    assert set(timing.stop_recording()) == {"last"} and timing.recorded() == {}
+
+
+def test_regionmatch_bench_reports_the_share_of_connected_components():
+    from s4seg.engine.bench import bench_one
+
+    row = bench_one("regionmatch", _tiny_params(), 2, 32, 1, threads=1)
+    part = row["sections"]["connected_components"]
+    assert 0 < part["sec_per_iter"] < row["sec_per_iter"] and part["share"] == pytest.approx(
+        part["sec_per_iter"] / row["sec_per_iter"])
+    rows = [{**row, "path": path, "speedup": 1.0} for path in ("fp32", "fast")]
+    assert "  regionmatch: connected_components" in format_table(rows)

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from s4seg import timing
 from s4seg.config import ModelConfig, Params, from_dict, to_dict
 from s4seg.io import write_text_atomic
 
@@ -128,16 +129,22 @@ def bench_one(method_name: str, params: Params, batch: int, crop: int, iters: in
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for step in range(WARMUP_ITERS, WARMUP_ITERS + iters):
-        iteration(step)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / iters
+    timing.start_recording()
+    try:
+        start = time.perf_counter()
+        for step in range(WARMUP_ITERS, WARMUP_ITERS + iters):
+            iteration(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / iters
+    finally:
+        sections = {name: total / iters for name, total in timing.stop_recording().items()}
     row = {"method": method_name, "device": str(device), "arch": params.model.arch, "encoder": params.model.encoder,
            "batch": batch, "crop": crop, "classes": num_classes, "iters": iters, "precision": runtime.precision,
            "memory_format": "channels_last" if channels_last else "contiguous", "sec_per_iter": seconds,
-           "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads()}
+           "peak_rss_mib": peak_rss_mib(), "torch_threads": torch.get_num_threads(),
+           # named parts of the step (s4seg.timing), s/iter and share of the step
+           "sections": {name: {"sec_per_iter": t, "share": t / seconds} for name, t in sections.items()}}
     if device.type == "cuda":
         row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -208,6 +215,10 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{name:<14}{slow['sec_per_iter']:>13.3f}{fast['sec_per_iter']:>13.3f}{fast['speedup']:>9.2f}x"
                      f"{slow['peak_rss_mib']:>8.0f}/{fast['peak_rss_mib']:<7.0f}"
                      f"{(f'{ratio:.2f}' if ratio is not None else '-'):>16}")
+    for name, pair in by_method.items():
+        for section, part in pair["fast"].get("sections", {}).items():
+            lines.append(f"  {name}: {section} {part['sec_per_iter']:.3f} s/iter, {100 * part['share']:.0f}% of "
+                         "its fast step")
     fast = next((r for r in rows if r["path"] == "fast"), None)
     if fast is not None:
         lines.append(f"fp32 = fp32, contiguous; fast = {fast['precision']}, channels_last. {fast['arch']} / "

@@ -76,6 +76,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s4seg import timing
 from s4seg.data.augment import cutmix
 from s4seg.engine.method import Batch, Method, MethodConfig, PseudoLabels, StepOutput, register_method
 from s4seg.errors import ParamsError
@@ -419,9 +420,10 @@ class CorrMatch(Method):
         `allowed`, and which sampled regions were accepted (B, n). Training and `pseudo_labels` both select
         through here."""
         weak = select_confident(logits, tau, valid)
-        rows = sample_rows(corr, self.cfg.region_rows, feat_size, self.cfg.region_rows_replace, generator)
-        masks = region_masks(rows, tuple(logits.shape[-2:])) & allowed[:, None]
-        out = propagate_regions(masks, weak.label, weak.keep, tau, self.num_classes)
+        with timing.section("region_propagation"):  # its share of a step: `s4seg bench train`
+            rows = sample_rows(corr, self.cfg.region_rows, feat_size, self.cfg.region_rows_replace, generator)
+            masks = region_masks(rows, tuple(logits.shape[-2:])) & allowed[:, None]
+            out = propagate_regions(masks, weak.label, weak.keep, tau, self.num_classes)
         prob = logits.detach().float().softmax(dim=1)
         extra = {"confident": weak.keep, "expanded": out.expanded,
                  "tau": torch.full((len(logits),), tau, device=logits.device)}

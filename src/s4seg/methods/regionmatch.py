@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s4seg import timing
 from s4seg.config import IGNORE_INDEX
 from s4seg.engine.method import Batch, Method, MethodConfig, PseudoLabels, StepOutput, register_method
 from s4seg.errors import ParamsError
@@ -155,15 +156,16 @@ def connected_regions(labels: Tensor, valid: Tensor) -> tuple[Tensor, int]:
     Returns (B, H, W) int64 ids numbered over the batch, tile b's after tile b-1's (0..n-1 in raster
     order of each region's first pixel), -1 on invalid pixels; and n. Runs on the CPU (scikit-image).
     """
-    labels_np = labels.detach().cpu().numpy()
-    valid_np = valid.detach().cpu().numpy()
-    ids = np.empty(labels_np.shape, dtype=np.int64)
-    offset = 0
-    for b in range(labels_np.shape[0]):
-        local = pseudo_regions(labels_np[b], valid_np[b])  # 1..n_b, 0 = none
-        ids[b] = np.where(local > 0, local.astype(np.int64) - 1 + offset, -1)
-        offset += int(local.max(initial=0))
-    return torch.from_numpy(ids).to(labels.device), offset
+    with timing.section("connected_components"):  # its share of a step: `s4seg bench train`
+        labels_np = labels.detach().cpu().numpy()
+        valid_np = valid.detach().cpu().numpy()
+        ids = np.empty(labels_np.shape, dtype=np.int64)
+        offset = 0
+        for b in range(labels_np.shape[0]):
+            local = pseudo_regions(labels_np[b], valid_np[b])  # 1..n_b, 0 = none
+            ids[b] = np.where(local > 0, local.astype(np.int64) - 1 + offset, -1)
+            offset += int(local.max(initial=0))
+        return torch.from_numpy(ids).to(labels.device), offset
 
 
 def pixel_cells(shape: tuple[int, int, int], feature_size: tuple[int, int], device: torch.device) -> Tensor:
