@@ -27,6 +27,7 @@ def test_config_defaults_are_the_papers_values() -> None:
     section = {}
     assert method_config("fixmatch", section) == FixMatchConfig()
     assert FixMatchConfig().conf_thresh == 0.95 and not FixMatchConfig().ema_teacher
+    assert not FixMatchConfig().halve_loss  # Eq. (5): L = L_x + L_u
 
 
 @pytest.mark.parametrize(
@@ -71,12 +72,15 @@ def test_strong_view_trains_on_cutmixed_image_and_targets(monkeypatch: pytest.Mo
     assert torch.equal(seen["valid"], valid) and torch.equal(seen["keep"], valid)  # confidence 1 everywhere
 
 
-def test_loss_is_half_the_sum_of_the_two_terms(monkeypatch: pytest.MonkeyPatch) -> None:
-    method = make()
+@pytest.mark.parametrize(("halve", "total"), [(False, 1.0 + 3.0), (True, (1.0 + 3.0) / 2)])
+def test_loss_is_the_sum_of_the_two_terms_or_half_of_it(monkeypatch: pytest.MonkeyPatch, halve: bool,
+                                                          total: float) -> None:
+    # Eq. (5), lambda = 1 (paper, default); halve_loss: the code's global / 2
+    method = make(halve_loss=halve)
     monkeypatch.setattr(fixmatch, "labeled_ce", lambda logits, y: logits.sum() * 0 + 1.0)
     monkeypatch.setattr(fixmatch, "unlabeled_ce", lambda logits, *a: logits.sum() * 0 + 3.0)
     out = method.training_step(make_batch(), 0)
-    assert out.loss.item() == pytest.approx((1.0 + 3.0) / 2)
+    assert out.loss.item() == pytest.approx(total)
     assert float(out.logs["loss_x"]) == 1.0 and float(out.logs["loss_u_s"]) == 3.0
 
 

@@ -382,12 +382,13 @@ def test_prspl_off_trains_on_the_fixed_confidence_mask() -> None:
     assert not torch.equal(with_prspl.keep, pseudo.keep)
 
 
-def test_everything_off_and_halved_is_fixmatch() -> None:
+@pytest.mark.parametrize("halve", [False, True])
+def test_everything_off_is_fixmatch(halve: bool) -> None:
     batch = make_batch()
     off = {k: False for k in ("prspl", "cir2r", "prcc", "region_cls_labeled", "region_cls_unlabeled")}
-    out = make(**off, conf_thresh=0.4, halve_loss=True).training_step(batch, 0)
+    out = make(**off, conf_thresh=0.4, halve_loss=halve).training_step(batch, 0)
     torch.manual_seed(0)
-    reference = FixMatch(FixMatchConfig(conf_thresh=0.4), TinySegmenter(), K).training_step(batch, 0)
+    reference = FixMatch(FixMatchConfig(conf_thresh=0.4, halve_loss=halve), TinySegmenter(), K).training_step(batch, 0)
     assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-6)
     assert float(out.logs["loss_p_u"]) == pytest.approx(float(reference.logs["loss_u_s"]))
     assert float(out.logs["loss_p_u"]) > 0

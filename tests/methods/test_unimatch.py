@@ -112,15 +112,18 @@ def test_streams_train_on_the_right_targets_and_weights(monkeypatch: pytest.Monk
     assert {k: float(out.logs[k]) for k in ("loss_x", "loss_u_s1", "loss_u_s2", "loss_u_fp")} == {
         "loss_x": 1.0, "loss_u_s1": 2.0, "loss_u_s2": 4.0, "loss_u_fp": 8.0,
     }  # fmt: skip
-    assert out.loss.item() == pytest.approx((1.0 + 0.25 * 2.0 + 0.25 * 4.0 + 0.5 * 8.0) / 2)
+    assert out.loss.item() == pytest.approx(1.0 + 0.25 * 2.0 + 0.25 * 4.0 + 0.5 * 8.0)  # Eq. (5), no / 2
 
 
 def test_unimatch_loss_weights() -> None:
     one = torch.tensor(1.0)
-    assert unimatch_loss(one, 0 * one, 0 * one, 0 * one).item() == 0.5
-    assert unimatch_loss(0 * one, one, 0 * one, 0 * one).item() == 0.125
-    assert unimatch_loss(0 * one, 0 * one, one, 0 * one).item() == 0.125
-    assert unimatch_loss(0 * one, 0 * one, 0 * one, one).item() == 0.25
+    assert unimatch_loss(one, 0 * one, 0 * one, 0 * one).item() == 1.0
+    assert unimatch_loss(0 * one, one, 0 * one, 0 * one).item() == 0.25
+    assert unimatch_loss(0 * one, 0 * one, one, 0 * one).item() == 0.25
+    assert unimatch_loss(0 * one, 0 * one, 0 * one, one).item() == 0.5
+    # halve_loss: the code's global / 2
+    assert [unimatch_loss(*(one * (i == k) for i in range(4)), halve=True).item() for k in range(4)] == [
+        0.5, 0.125, 0.125, 0.25]
 
 
 def test_strong_views_are_cutmixed_with_the_partner_views(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,9 +148,11 @@ def test_loss_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(unimatch_v2, "labeled_ce", lambda logits, y: logits.sum() * 0 + 1.0)
     out = method.training_step(batch, 0)
     assert (float(out.logs["loss_u_s1"]), float(out.logs["loss_u_s2"])) == (2.0, 4.0)
-    assert out.loss.item() == pytest.approx((1.0 + (2.0 + 4.0) / 2) / 2)
+    assert out.loss.item() == pytest.approx(1.0 + (2.0 + 4.0) / 2)  # Eq. (5) with Eq. (17), no global / 2
     one = torch.tensor(1.0)
-    assert [unimatch_v2_loss(*(one * (i == k) for i in range(3))).item() for k in range(3)] == [0.5, 0.25, 0.25]
+    assert [unimatch_v2_loss(*(one * (i == k) for i in range(3))).item() for k in range(3)] == [1.0, 0.5, 0.5]
+    halved = [unimatch_v2_loss(*(one * (i == k) for i in range(3)), halve=True).item() for k in range(3)]
+    assert halved == [0.5, 0.25, 0.25]  # halve_loss: the code's global / 2
 
 
 def test_flip_partner_pastes_the_reversed_batch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,12 +6,14 @@ FixMatch baseline adds an EMA teacher and in-batch CutMix).
 
 One iteration: pseudo-label the weak view u_w (argmax, confidence >= tau), paste the CutMix partner's strong
 view into u_s1 inside box1 and its pseudo-labels into the targets the same way, then
-    L = (L_x + L_s) / 2
+    L = L_x + L_s
 with L_s the masked CE of Eq. (4) normalised by the valid-pixel count (`losses.unlabeled_ce`).
 
 Where paper and code differ, this file follows the paper and a param switches to the code, except:
-- Eq. (5) writes L = L_x + lambda L_u with lambda = 1; both official codes divide by 2, and so does this
-  file: a global factor (= half the LR with SGD) that the papers' learning rates were tuned with.
+- Total (`halve_loss`): Eq. (5) writes L = L_x + lambda L_u with lambda = 1 (default); both official codes
+  divide by 2 (true). With SGD the factor is half the LR, and it matters at a short warm-started budget: the
+  halved loss gives the labeled term half the weight it has in `supervised` (measured on the synthetic
+  default, README "Measured").
 - Pseudo-labels (`weak_labels_from_train_forward`): Eq. (3) just says p^w = f(x^w); here they come from
   the inference stream, `pseudo_labels()` (eval-mode BN, no grad), which is also what the dump writes. The
   V1 code takes them from the detached weak logits of a train-mode forward shared with the labeled batch
@@ -61,6 +63,7 @@ class FixMatchConfig(MethodConfig):
     eval_teacher: bool = True  # with ema_teacher, evaluate the teacher (reference V2 §5)
     cutmix_partner: str = "batch"  # batch (V1 code: second unlabeled loader) | flip (V2 code: reversed batch)
     weak_labels_from_train_forward: bool = False  # true: V1 code's train-mode joint labeled+weak forward
+    halve_loss: bool = False  # Eq. (5): L = L_x + L_u (paper); true: the codes' (L_x + L_u) / 2
 
     def __post_init__(self) -> None:
         check_common(self.conf_thresh, self.cutmix_partner)
@@ -101,7 +104,7 @@ class FixMatch(Method):
 
         loss_x = labeled_ce(logits_x, batch.y)  # Eq. (1)
         loss_u_s = unlabeled_ce(logits_s, target_s.label, target_s.keep, target_s.valid)  # Eq. (4)
-        loss = (loss_x + loss_u_s) / 2  # Eq. (5), lambda = 1, halved as in the code
+        loss = (loss_x + loss_u_s) / (2 if self.cfg.halve_loss else 1)  # Eq. (5), lambda = 1
         logs: dict[str, Any] = {
             "loss_x": loss_x.detach(),
             "loss_u_s": loss_u_s.detach(),

@@ -62,8 +62,9 @@ Choices (paper silent or ambiguous), each with its switch where one exists:
   mean of F_hat over the region; d_ic = ||mu_i - F_hat_c|| (>= 1e-8), averaged over the region's pixels
   (area weights), then over the regions in I of the batch. -log e^{-d} = d, so Eq. (21) is this distance;
   the paper's plain sum over pixels would grow with region area. No detach.
-- Total loss: the plain sum of Eq. (4). `halve_loss: true` divides it by 2 like `fixmatch.py` (the UniMatch
-  code's (L_x + L_u) / 2), so that with every RegionMatch term off the run is exactly our FixMatch.
+- Total loss: the plain sum of Eq. (4). `halve_loss: true` divides it by 2 (the UniMatch code's
+  (L_x + L_u) / 2); with every RegionMatch term off the run is exactly `fixmatch.py` with the same
+  `halve_loss`.
 - Ablations (`dvc exp run -S methods.regionmatch.<key>=false`): `prspl`, `cir2r`, `prcc` (Table 4),
   `region_cls_labeled`, `region_cls_unlabeled` (Table 5); each removes its term only. Table 4's rows keep
   the region classification (PRSPL needs f_r); its "none" row (FixMatch) is all five off.
@@ -124,7 +125,7 @@ class RegionMatchConfig(MethodConfig):
     projection_dim: int = 256  # width of h (reference A.1)
     cutmix_partner: str = "batch"  # batch (engine's partner batch) | flip (reversed batch)
     weak_labels_from_train_forward: bool = False  # true: detached weak half of a train-mode labeled+weak pass
-    halve_loss: bool = False  # true: L_all / 2 as fixmatch.py (all terms off = FixMatch exactly)
+    halve_loss: bool = False  # true: L_all / 2, the UniMatch code's (all terms off = FixMatch, same halve_loss)
 
     def __post_init__(self) -> None:
         check_common(self.conf_thresh, self.cutmix_partner)

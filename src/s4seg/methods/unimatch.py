@@ -12,8 +12,8 @@ On top of FixMatch (`fixmatch.py`):
   reaches the encoder through the dropout. As in the reference, labeled and weak images share this pass; the
   perturbed labeled logits are computed and not used.
 - Dual strong streams, Eq. (9)-(10): u_s1 and u_s2, each with its own CutMix box, in one forward.
-- Loss, Eq. (11) with Eq. (5): L_u = 0.5 L_fp + 0.25 (L_s1 + L_s2), and L = (L_x + L_u) / 2 (the global /2 is
-  the code's, see `fixmatch.py`). The FP stream trains on the un-mixed weak targets.
+- Loss, Eq. (11) with Eq. (5): L_u = 0.5 L_fp + 0.25 (L_s1 + L_s2), and L = L_x + L_u; `halve_loss: true`
+  is the code's (L_x + L_u) / 2, see `fixmatch.py`. The FP stream trains on the un-mixed weak targets.
 
 Where paper and code differ (`weak_labels_from_train_forward`, `cutmix_partner`): as in `fixmatch.py`, the
 main pseudo-labels come by default from the inference stream `pseudo_labels()` (eval-mode BN, no grad); true
@@ -64,6 +64,7 @@ class UniMatchConfig(MethodConfig):
     cutmix_partner: str = "batch"  # batch (V1 code: second unlabeled loader) | flip (reversed batch)
     weak_labels_from_train_forward: bool = False  # true: the code's train-mode joint labeled+weak forward
     perturbed_bn_stats: bool = False  # true: the code's joint clean+FP decode also updates BN running stats
+    halve_loss: bool = False  # Eq. (5): L = L_x + L_u (paper); true: the code's (L_x + L_u) / 2
 
     def __post_init__(self) -> None:
         check_common(self.conf_thresh, self.cutmix_partner)
@@ -78,10 +79,11 @@ def feature_perturbation(feats: list[Tensor], p: float) -> list[Tensor]:
     return [F.dropout2d(f, p, training=True) for f in feats]
 
 
-def unimatch_loss(loss_x: Tensor, loss_u_s1: Tensor, loss_u_s2: Tensor, loss_u_fp: Tensor) -> Tensor:
-    """Eq. (11) in Eq. (5): L_u = 0.5 L_fp + 0.25 (L_s1 + L_s2); L = (L_x + L_u) / 2 (code's global /2)."""
+def unimatch_loss(loss_x: Tensor, loss_u_s1: Tensor, loss_u_s2: Tensor, loss_u_fp: Tensor,
+                  halve: bool = False) -> Tensor:
+    """Eq. (11) in Eq. (5): L_u = 0.5 L_fp + 0.25 (L_s1 + L_s2); L = L_x + L_u, or (L_x + L_u) / 2 (code)."""
     loss_u = 0.5 * loss_u_fp + 0.25 * (loss_u_s1 + loss_u_s2)
-    return (loss_x + loss_u) / 2
+    return (loss_x + loss_u) / (2 if halve else 1)
 
 
 @register_method("unimatch")
@@ -113,7 +115,7 @@ class UniMatch(Method):
         loss_u_s1 = unlabeled_ce(logits_s1, target_s1.label, target_s1.keep, target_s1.valid)  # Eq. (10)
         loss_u_s2 = unlabeled_ce(logits_s2, target_s2.label, target_s2.keep, target_s2.valid)
         loss_u_fp = unlabeled_ce(logits_fp, weak.label, weak.keep, weak.valid)  # Eq. (8), un-mixed targets
-        loss = unimatch_loss(loss_x, loss_u_s1, loss_u_s2, loss_u_fp)
+        loss = unimatch_loss(loss_x, loss_u_s1, loss_u_s2, loss_u_fp, self.cfg.halve_loss)
         logs: dict[str, Any] = {
             "loss_x": loss_x.detach(),
             "loss_u_s1": loss_u_s1.detach(),

@@ -6,7 +6,8 @@ Paper: UniMatch V2, "Pushing the Limit of Semi-Supervised Semantic Segmentation"
 One iteration: the EMA teacher pseudo-labels the weak view (Eq. 18 model; argmax, conf >= tau); the two
 strong views, each CutMixed with its own box, are encoded together, and the two features of each pair
 (s1_j, s2_j) are multiplied by complementary channel masks 2M and 2(1 - M) (Eq. 14-15) before one decoder pass
-(Eq. 16). L_u = (L_s1 + L_s2) / 2 (Eq. 17) and L = (L_x + L_u) / 2 (code's global /2, see `fixmatch.py`).
+(Eq. 16). L_u = (L_s1 + L_s2) / 2 (Eq. 17) and L = L_x + L_u (Eq. 5; `halve_loss: true` = the code's global
+/2, see `fixmatch.py`).
 The engine updates the teacher after each step with momentum min(1 - 1/(t+1), ema_gamma).
 
 Choices where paper and code differ, or the paper is silent:
@@ -68,6 +69,7 @@ class UniMatchV2Config(MethodConfig):
     undropped_pairs: float = 0.0  # share of pairs left undropped: 0 = paper (Eq. 14-15), 0.5 = code
     cutmix_partner: str = "batch"  # batch (engine's partner batch) | flip (code: reversed batch)
     perturbed_bn_stats: bool = False  # true: the dropped-out strong decode also updates BN running stats
+    halve_loss: bool = False  # Eq. (5): L = L_x + L_u (paper); true: the code's (L_x + L_u) / 2
 
     def __post_init__(self) -> None:
         check_common(self.conf_thresh, self.cutmix_partner)
@@ -109,9 +111,9 @@ def complementary_dropout(feats: list[Tensor], undropped_pairs: float = 0.0) -> 
     return out
 
 
-def unimatch_v2_loss(loss_x: Tensor, loss_u_s1: Tensor, loss_u_s2: Tensor) -> Tensor:
-    """Eq. (17) in Eq. (5): L_u = (L_s1 + L_s2) / 2; L = (L_x + L_u) / 2 (code's global /2)."""
-    return (loss_x + (loss_u_s1 + loss_u_s2) / 2) / 2
+def unimatch_v2_loss(loss_x: Tensor, loss_u_s1: Tensor, loss_u_s2: Tensor, halve: bool = False) -> Tensor:
+    """Eq. (17) in Eq. (5): L_u = (L_s1 + L_s2) / 2; L = L_x + L_u, or (L_x + L_u) / 2 (code)."""
+    return (loss_x + (loss_u_s1 + loss_u_s2) / 2) / (2 if halve else 1)
 
 
 @register_method("unimatch_v2")
@@ -141,7 +143,7 @@ class UniMatchV2(Method):
         loss_x = labeled_ce(logits_x, batch.y)  # Eq. (1)
         loss_u_s1 = unlabeled_ce(logits_s1, target_s1.label, target_s1.keep, target_s1.valid)  # Eq. (17)
         loss_u_s2 = unlabeled_ce(logits_s2, target_s2.label, target_s2.keep, target_s2.valid)
-        loss = unimatch_v2_loss(loss_x, loss_u_s1, loss_u_s2)
+        loss = unimatch_v2_loss(loss_x, loss_u_s1, loss_u_s2, self.cfg.halve_loss)
         logs: dict[str, Any] = {
             "loss_x": loss_x.detach(),
             "loss_u_s1": loss_u_s1.detach(),
