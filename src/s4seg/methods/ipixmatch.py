@@ -13,7 +13,8 @@ the KL divergence (L_KL, the paper's choice) or 1 - Pearson rho (L_CR, Eq. 5; `d
 
 The base (`base`, default unimatch as in §IV-B; fixmatch and unimatch_v2 work too) is built by name on the
 same model (`AddOnMethod`), with its own params in `base_params`, and runs unchanged: L_o is its whole loss
-(with the code's global /2 only if the base's `halve_loss` is on), and alpha L_IPix is added outside it [B.1.6]. L_IPix reads the base's views from
+(with the code's global /2 only if the base's `halve_loss` is on), and alpha L_IPix is added outside it
+[B.1.6]. L_IPix reads the base's views from
 `StepOutput.streams` (`losses.py`, "Streams"): per strong view, the student logits q and the detached logits
 p its pseudo-labels were taken from, CutMix-ed with the same box as those pseudo-labels [B.2.3], and the
 view's confidence and valid mask. The dump writes the base's pseudo-labels plus `extra["omega"]`, Omega of
