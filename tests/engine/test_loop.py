@@ -255,10 +255,10 @@ def test_snapshots_do_not_change_training(store, tmp_path):
 
 
 def test_eval_every_logs_test_miou_points_without_changing_training(store, tmp_path):
-    """train.eval_every: test mIoU at steps 2 and 4 (and the last, 5), empty cells between; same weights
-    as a run without the curve; each point equals a brute-force count of the tiles' confusion matrix."""
-    # fp32 and no PreciseBN: the model after fit is the one the last point was computed with
-    cfg = {"iterations": 5, "precision": "fp32", "precise_bn": "off"}
+    """train.eval_every: test mIoU at steps 2 and 4 (and the last, 5), empty cells between; same weights and
+    BN buffers as a run without the curve (each point re-estimates the BN statistics, PreciseBN, then puts
+    them back); the last point equals a brute-force count over the final model, whose PreciseBN is the same."""
+    cfg = {"iterations": 5, "precision": "fp32", "precise_bn": "all"}
     _fit(h.build("toy"), store, tmp_path / "plain", h.tiny_train_config(**cfg))
     method = h.build("toy")
     _fit(method, store, tmp_path / "curve", h.tiny_train_config(**cfg, eval_every=2, log_every=1))
@@ -280,6 +280,23 @@ def test_eval_every_logs_test_miou_points_without_changing_training(store, tmp_p
     ious = [((pred == c) & (gt == c)).sum() / ((pred == c) | (gt == c)).sum()
             for c in range(store.num_classes) if ((pred == c) | (gt == c)).any()]
     assert points[5] == pytest.approx(float(np.mean(ious)), abs=1e-6)
+
+
+def test_a_curve_point_leaves_every_buffer_and_the_rng_as_it_found_them(store):
+    method = h.build("toy")
+    method.train()
+    buffers = {k: v.clone() for k, v in method.state_dict().items()}
+    rng = torch.get_rng_state()
+    runtime = loop.make_runtime(torch.device("cpu"), "fp32", where="test")
+    split = h.make_split()
+    value = loop.test_miou(method, store, split.test, runtime, 2, [int(i) for i in split.labeled])
+    assert 0.0 <= value <= 1.0 and method.training
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in buffers.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # and the statistics were really re-estimated for the point: without the restore they would differ
+    loop.recompute_bn_stats(method.networks(), store, [int(i) for i in split.labeled], batch_size=4,
+                            device=torch.device("cpu"))
+    assert not torch.equal(buffers["model.encoder.1.running_mean"], method.state_dict()["model.encoder.1.running_mean"])
 
 
 def test_snapshots_survive_a_crash(store, tmp_path):

@@ -184,15 +184,19 @@ class CsvLog:
 
 
 @torch.no_grad()
-def test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: Runtime, batch_size: int) -> float | str:
+def test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: Runtime, batch_size: int,
+              bn_tiles: list[int]) -> float | str:
     """mIoU of `method.predict` on the test tiles, for the curve of `train.eval_every` (test mIoU against
-    iterations). Eval mode with the running BN statistics of training (the final artifact's come from
-    PreciseBN, so its evaluation can differ from the last point); the training RNG is saved and restored
-    and nothing the run learns from is touched, so the run is the same with or without the curve. Never
-    used to pick a model. "" when the split has no test tiles."""
+    iterations), measured as the final model is: BN statistics re-estimated over `bn_tiles` first
+    (PreciseBN; the running statistics of batches of augmented crops are far noisier), then eval mode.
+    Every BN buffer and the RNG are restored afterwards, so the run is the same with or without the curve.
+    Never used to pick a model. "" when the split has no test tiles."""
     if len(tile_ids) == 0:
         return ""
     was_training, rng = method.training, capture_rng()
+    buffers = {name: b.clone() for name, b in method.named_buffers()}
+    recompute_bn_stats(method.networks(), store, bn_tiles, batch_size=batch_size * 2, device=runtime.device,
+                       precision=runtime.precision)
     method.eval()
     matrix = ConfusionMatrix(store.num_classes)
     for start in range(0, len(tile_ids), batch_size):
@@ -200,6 +204,8 @@ def test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: R
         with runtime.autocast():
             logits = method.predict(runtime.input(np.stack([store.image(i) for i in chunk])))
         matrix.update(logits.argmax(dim=1).cpu().numpy(), np.stack([store.mask(i) for i in chunk]))
+    for name, b in method.named_buffers():
+        b.copy_(buffers[name])
     method.train(was_training)
     restore_rng(rng)
     return matrix.metrics().miou
@@ -375,6 +381,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     progress = Progress(steps, step, f"{section} {method.name}", enabled=ctx.is_main)
     if snapshots is not None and ctx.is_main and step == 0 and cfg.snapshot_every > 0:
         snapshots.take(0, method, runtime)
+    bn_tiles = precise_bn_tiles(split, cfg.precise_bn)  # the final model's BN statistics (and the curve's)
     started = time.perf_counter()
     timed = False  # the time estimate is logged once, after the first few steps of this process
     method.train()
@@ -400,7 +407,8 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
             row = {"step": step, "epoch": step * micro_per_step / schedule.batches_per_epoch, "lr": lr,
                    **stats.row()}
             if cfg.eval_every > 0:  # the column exists from the first row on (the CSV header); empty between
-                row["test_miou"] = test_miou(method, store, split.test, runtime, cfg.batch_size) if evaluate_now else ""
+                row["test_miou"] = (test_miou(method, store, split.test, runtime, cfg.batch_size, bn_tiles)
+                                    if evaluate_now else "")
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"{method.name}: loss is {row['loss']} at step {step}; lower the LR")
             csv_log.write(row)
@@ -422,7 +430,6 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
     # Final artifact: the model of the last step (never a "best" epoch picked on test data) ----------
     distributed.average_buffers(method, ctx.world_size)
     # every rank runs the same tiles in the same order, so the networks stay identical across ranks
-    bn_tiles = precise_bn_tiles(split, cfg.precise_bn)
     recomputed = recompute_bn_stats(method.networks(), store, bn_tiles, batch_size=cfg.batch_size * 2, device=device,
                                     precision=runtime.precision)
     if recomputed and ctx.is_main:
