@@ -289,7 +289,7 @@ def test_a_curve_point_leaves_every_buffer_and_the_rng_as_it_found_them(store):
     rng = torch.get_rng_state()
     runtime = loop.make_runtime(torch.device("cpu"), "fp32", where="test")
     split = h.make_split()
-    value = loop.test_miou(method, store, split.test, runtime, 2, [int(i) for i in split.labeled])
+    value = loop.eval_test_miou(method, store, split.test, runtime, 2, [int(i) for i in split.labeled])
     assert 0.0 <= value <= 1.0 and method.training
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in buffers.items())
     assert torch.equal(torch.get_rng_state(), rng)

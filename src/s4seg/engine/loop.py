@@ -184,7 +184,7 @@ class CsvLog:
 
 
 @torch.no_grad()
-def test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: Runtime, batch_size: int,
+def eval_test_miou(method: Method, store: TileStore, tile_ids: np.ndarray, runtime: Runtime, batch_size: int,
               bn_tiles: list[int]) -> float | str:
     """mIoU of `method.predict` on the test tiles, for the curve of `train.eval_every` (test mIoU against
     iterations), measured as the final model is: BN statistics re-estimated over `bn_tiles` first
@@ -407,7 +407,7 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
             row = {"step": step, "epoch": step * micro_per_step / schedule.batches_per_epoch, "lr": lr,
                    **stats.row()}
             if cfg.eval_every > 0:  # the column exists from the first row on (the CSV header); empty between
-                row["test_miou"] = (test_miou(method, store, split.test, runtime, cfg.batch_size, bn_tiles)
+                row["test_miou"] = (eval_test_miou(method, store, split.test, runtime, cfg.batch_size, bn_tiles)
                                     if evaluate_now else "")
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"{method.name}: loss is {row['loss']} at step {step}; lower the LR")
