@@ -35,8 +35,8 @@ Choices where paper and code differ, or the paper is silent (switch in brackets)
   168 steps). So branch 1's two CPS terms (it learning from the twin's labels, unlabeled and labeled) are
   weighted by the Gaussian ramp-up exp(-5 (1 - t/T_r)^2) over the first `twin_rampup` share of the steps
   (Laine & Aila 2017; the CPS/RRN code ramps the LR over 10 epochs instead), while the twin learns from
-  branch 1's labels at full weight from the start. 0 = no ramp; "both" (the paper's symmetric random
-  heads) never ramps.
+  branch 1's labels at full weight from the start (with it: 58.3 and 59.7 on two seeds, supervised 56.6
+  and 57.3; README "Measured"). 0 = no ramp; "both" (the paper's symmetric random heads) never ramps.
 - Labeled images in CPS [`cps_on_labeled`]: in Eq. 5 (paper, default), absent from the CutMix code (false).
   L_cps^l is the cross CE over every pixel of the labeled crops (as no-CutMix CPS does), from detached argmaxes.
 - CPS pseudo-labels come from eval-mode passes (as every method here; the dump writes the same); the code runs
