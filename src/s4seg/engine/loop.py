@@ -104,6 +104,38 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Per-step statistics and the CSV log
 # --------------------------------------------------------------------------------------------------
+FIXMATCH_TAU = 0.95  # FixMatch's confidence threshold (its paper; UniMatch's default)
+
+
+def pseudo_label_counts(pseudo: PseudoLabels, truth: Tensor, valid: Tensor | None,
+                        tau: float = FIXMATCH_TAU) -> Tensor:
+    """Pixel counts that grade what a method trains on against the hidden ground truth `truth` (B, H, W).
+
+    Returns float64 [valid, kept, graded, correct, tau_kept, tau_graded, tau_correct, rank_graded,
+    rank_correct]: valid unlabeled pixels; those the method keeps (`pseudo.keep`), kept with ground truth
+    (not IGNORE_INDEX), kept and correct. Then two references on the same labels of the same model at the
+    same step, so that a method that mines more pixels (CorrMatch, RegionMatch's PRSPL) can be judged at
+    equal footing: `tau_*`, the pixels FixMatch's rule keeps (`pseudo.conf >= tau`); `rank_*`, as many
+    pixels as the method keeps, chosen by confidence alone (the highest `pseudo.conf` of the batch).
+    """
+    valid = valid.bool() if valid is not None else torch.ones_like(truth, dtype=torch.bool)
+    has_truth = truth != IGNORE_INDEX
+    right = pseudo.label == truth
+
+    def graded(mask: Tensor) -> list[Tensor]:
+        return [(mask & has_truth).sum(), (mask & has_truth & right).sum()]
+
+    keep = pseudo.keep.bool() & valid
+    tau_keep = (pseudo.conf >= tau) & valid
+    n_kept = int(keep.sum())
+    rank_keep = torch.zeros_like(valid)
+    if n_kept > 0:  # the n_kept most confident valid pixels
+        conf = torch.where(valid, pseudo.conf.float(), torch.tensor(-1.0, device=valid.device)).flatten()
+        rank_keep.view(-1)[conf.topk(n_kept).indices] = True
+    counts = [valid.sum(), keep.sum(), *graded(keep), tau_keep.sum(), *graded(tau_keep), *graded(rank_keep)]
+    return torch.stack(counts).double()
+
+
 class StepStats:
     """Running sums since the last log row: mean of every log key, and pseudo-label counts.
 
@@ -115,7 +147,7 @@ class StepStats:
     def __init__(self, state: dict[str, Any] | None = None) -> None:
         self.sums: dict[str, Tensor | float] = dict(state["sums"]) if state else {}
         self.count = int(state["count"]) if state else 0
-        # valid unlabeled pixels, kept ones, kept ones with ground truth (y_u != 255), kept and correct
+        # pixel counts of `pseudo_label_counts`, summed over the steps of a row
         self.pseudo: Tensor | None = state["pseudo"] if state else None
 
     def state(self) -> dict[str, Any]:
@@ -129,19 +161,24 @@ class StepStats:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.sums["loss"] = self.sums.get("loss", 0.0) + out.loss.detach().float()
         if out.pseudo is not None and batch.y_u is not None:
-            valid = batch.valid_u.bool() if batch.valid_u is not None else torch.ones_like(batch.y_u, dtype=torch.bool)
-            keep = out.pseudo.keep.bool() & valid
-            graded = keep & (batch.y_u != IGNORE_INDEX)
-            correct = graded & (out.pseudo.label == batch.y_u)
-            counts = torch.stack([valid.sum(), keep.sum(), graded.sum(), correct.sum()]).double()
+            counts = pseudo_label_counts(out.pseudo, batch.y_u, batch.valid_u)
             self.pseudo = counts if self.pseudo is None else self.pseudo + counts.to(self.pseudo.device)
 
     def row(self) -> dict[str, float]:
         out = {k: float(v) / self.count for k, v in self.sums.items()}
         if self.pseudo is not None:
-            valid, kept, graded, correct = self.pseudo.tolist()
-            out["pseudo_kept_share"] = kept / valid if valid > 0 else math.nan  # share of valid pixels trained on
-            out["pseudo_kept_acc"] = correct / graded if graded > 0 else math.nan  # against the hidden GT
+            valid, kept, graded, correct, tau_kept, tau_graded, tau_correct, rank_graded, rank_correct = (
+                self.pseudo.tolist())
+
+            def ratio(a: float, b: float) -> float:
+                return a / b if b > 0 else math.nan
+
+            out["pseudo_kept_share"] = ratio(kept, valid)  # share of valid pixels trained on
+            out["pseudo_kept_acc"] = ratio(correct, graded)  # against the hidden GT
+            # the same model's pseudo-labels under FixMatch's rule, and ranked by confidence at the kept share
+            out["pseudo_tau95_share"] = ratio(tau_kept, valid)
+            out["pseudo_tau95_acc"] = ratio(tau_correct, tau_graded)
+            out["pseudo_rank_acc"] = ratio(rank_correct, rank_graded)
         return out
 
 
