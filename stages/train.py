@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         snapshots = PseudoLabelSnapshots(writer, store, writer.tile_ids) if count and main_rank else None
         fit(method, store, split, cfg, model_cfg=params.model, seed=params.seed, out_path=args.out,
             log_path=args.log, checkpoint_dir=args.checkpoints, snapshots=snapshots,
-            identity={"init": file_hash(args.init)}, section="train")
+            identity={"init": file_hash(args.init)}, section="train", warm_start=params.train.init == "warmup")
 
 
 if __name__ == "__main__":

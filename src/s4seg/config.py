@@ -178,9 +178,16 @@ class TrainStageConfig(TrainConfig):
     """
 
     init: str = "warmup"  # warmup | pretrained
+    # LR multiplier of the head parameters that come trained from the warmup (init: warmup): the model's
+    # decoder and classifier. None: lr_multi, like every head. Heads a method adds (CorrMatch's correlation
+    # head, RegionMatch's region classifier, RRN's re-drawn twin) start random and keep lr_multi.
+    warm_head_lr_multi: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.warm_head_lr_multi is not None and not self.warm_head_lr_multi >= 0:
+            raise ParamsError(f"warm_head_lr_multi = {self.warm_head_lr_multi!r}: expected a number >= 0, or null "
+                              "for lr_multi")
         if self.init not in TRAIN_INITS:
             raise ParamsError(f"init = {self.init!r}: expected one of {', '.join(TRAIN_INITS)} "
                               "(warmup: start from models/warmup.pt; pretrained: from the model.weights encoder, "

@@ -103,6 +103,25 @@ def test_pseudo_accuracy_against_hidden_truth(store, tmp_path):
     assert float(row["pseudo_kept_acc"]) == 1.0
 
 
+def test_warm_start_with_a_zero_warm_head_lr_keeps_the_head(store, tmp_path):
+    """fit(warm_start=True) puts the model's head in the 'warm_head' LR group: at warm_head_lr_multi 0 it
+    stays exactly as loaded while the encoder trains; without warm_start the same head moves."""
+    from s4seg.config import TrainStageConfig
+
+    base = dataclasses.asdict(h.tiny_train_config(iterations=3, log_every=3))
+    cfg = TrainStageConfig(**base, warm_head_lr_multi=0.0)
+    runs = {}
+    for warm in (True, False):
+        method = h.build("supervised")
+        head0 = {k: v.clone() for k, v in method.model.head.state_dict().items()}
+        enc0 = method.model.encoder[0].weight.detach().clone()
+        _fit(method, store, tmp_path / str(warm), cfg, warm_start=warm)
+        head_same = all(torch.equal(head0[k], v) for k, v in method.model.head.state_dict().items())
+        runs[warm] = (head_same, torch.equal(enc0, method.model.encoder[0].weight.detach()))
+    assert runs[True] == (True, False)
+    assert runs[False] == (False, False)
+
+
 def test_pseudo_label_counts_on_a_hand_made_batch():
     """Kept / FixMatch-rule / confidence-ranked pixels graded against the truth, counted by hand."""
     from s4seg.engine.method import PseudoLabels

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from s4seg.config import TrainConfig
+from s4seg.config import TrainConfig, TrainStageConfig
 from s4seg.engine.loop import effective_lr, total_steps
-from s4seg.engine.optim import build_optimizer, lr_multiplier, poly_lr, set_lr, warmup_steps
+from s4seg.engine.optim import Optimizers, build_optimizer, lr_multiplier, poly_lr, set_lr, warmup_steps
 from s4seg.errors import ParamsError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,6 +38,34 @@ def test_param_groups_get_role_lr():
     assert roles["backbone"]["lr"] == pytest.approx(0.002)
     assert roles["head"]["lr"] == pytest.approx(0.02)
     assert roles["head"]["momentum"] == 0.8 and roles["head"]["weight_decay"] == 1e-3
+
+
+@pytest.mark.parametrize("warm_multi, expected", [(1.0, 0.002), (0.0, 0.0), (None, 0.02)])
+def test_warm_head_gets_its_own_lr(warm_multi, expected):
+    """From the warmup, the model's trained head runs at lr x warm_head_lr_multi (None: lr_multi); the
+    backbone at lr, and a head the method adds (here an extra module) at lr x lr_multi."""
+    method = h.build("supervised")
+    method.extra_head = torch.nn.Conv2d(8, 3, 1)  # a fresh module of the method, as CorrMatch's head
+    cfg = TrainStageConfig(lr=0.01, lr_multi=10.0, warm_head_lr_multi=warm_multi)
+    opt = Optimizers(method, cfg, cfg.lr, method.warm_head_params()).main
+    roles = {g["role"]: g for g in opt.param_groups}
+    assert {id(p) for p in roles["warm_head"]["params"]} == {id(p) for p in method.model.head.parameters()}
+    assert {id(p) for p in roles["head"]["params"]} == {id(p) for p in method.extra_head.parameters()}
+    set_lr(opt, 0.002)
+    assert roles["backbone"]["lr"] == pytest.approx(0.002)
+    assert roles["head"]["lr"] == pytest.approx(0.02)
+    assert roles["warm_head"]["lr"] == pytest.approx(expected)
+    cold = {g["role"] for g in Optimizers(method, cfg, cfg.lr).main.param_groups}  # not a warm start
+    assert cold == {"backbone", "head"}
+    with pytest.raises(ParamsError, match="warm_head_lr_multi"):
+        TrainStageConfig(warm_head_lr_multi=-1.0)
+
+
+def test_rrn_with_both_heads_redrawn_has_no_warm_head():
+    twin, both = h.build("rrn"), h.build("rrn")
+    both.cfg = dataclasses.replace(both.cfg, reinit_heads="both")
+    assert {id(p) for p in twin.warm_head_params()} == {id(p) for p in twin.model.head.parameters()}
+    assert both.warm_head_params() == []
 
 
 def test_teacher_params_are_not_optimised():

@@ -313,6 +313,7 @@ def fit(
     snapshots: PseudoLabelSnapshots | None = None,
     identity: dict[str, Any] | None = None,
     section: str = "train",
+    warm_start: bool = False,
 ) -> dict[str, Any]:
     """Train `method` on the split's tiles with schedule `cfg`; write the model artifact to `out_path`.
 
@@ -320,6 +321,8 @@ def fit(
     Otherwise epochs count passes over the unlabeled tiles; a method with `uses_unlabeled = False`
     (supervised) follows that same schedule on labeled tiles only.
     identity: extra facts that define the run (e.g. the hash of the init weights) for the resume check.
+    warm_start: the method starts from a trained model (train.init: warmup), so `Method.warm_head_params()`
+    form the LR group 'warm_head' (engine/optim.py).
     Returns {"steps", "seconds", "resumed_from"}.
     """
     validate(cfg, section)
@@ -327,7 +330,7 @@ def fit(
     try:
         return _fit(method, store, split, cfg, ctx, model_cfg=model_cfg, seed=seed, out_path=Path(out_path),
                     log_path=Path(log_path), checkpoint_dir=Path(checkpoint_dir), labeled_only=labeled_only,
-                    snapshots=snapshots, identity=identity or {}, section=section)
+                    snapshots=snapshots, identity=identity or {}, section=section, warm_start=warm_start)
     finally:
         distributed.teardown(ctx)
 
@@ -335,7 +338,7 @@ def fit(
 def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: distributed.DistContext, *,
          model_cfg: ModelConfig, seed: int, out_path: Path, log_path: Path, checkpoint_dir: Path,
          labeled_only: bool, snapshots: PseudoLabelSnapshots | None, identity: dict[str, Any],
-         section: str) -> dict[str, Any]:
+         section: str, warm_start: bool) -> dict[str, Any]:
     device = ctx.device
     if ctx.is_main:
         log.info("training %s on %s (world size %d)", method.name, device, ctx.world_size)
@@ -357,7 +360,9 @@ def _fit(method: Method, store: TileStore, split: Split, cfg: TrainConfig, ctx: 
                  steps * cfg.accumulate / schedule.batches_per_epoch, schedule.batches_per_epoch)
 
     # Optimiser and gradient scaler (fp16 only: bf16 has fp32's exponent range) --------------------------
-    optimizers = Optimizers(method, cfg, base_lr)
+    optimizers = Optimizers(method, cfg, base_lr, method.warm_head_params() if warm_start else ())
+    if ctx.is_main:
+        log.info("%s LR groups: %s", section, optimizers.describe())
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
 
     # Resume ----------------------------------------------------------------------------------------

@@ -181,6 +181,12 @@ class Method(nn.Module):
         averages their gradients over ranks. Default: none."""
         return {}
 
+    def warm_head_params(self) -> list[nn.Parameter]:
+        """Head parameters that still hold the init model's trained values when `fit` starts (after
+        `on_fit_start`): with train.init warmup they form the LR group 'warm_head' (engine/optim.py).
+        Default: the model's head. A method that re-draws a head at the start (RRN) leaves it out."""
+        return list(self.model.param_groups().get("head", []))
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups by LR role: 'backbone' gets lr, 'head' gets lr * lr_multi.
 

@@ -1,7 +1,11 @@
 """Optimiser with LR-role parameter groups, and the poly LR schedule.
 
 Conventions (shared by every method):
-- Groups come from `Method.trainable_groups()`: 'backbone' runs at lr, 'head' at lr * lr_multi.
+- Groups come from `Method.trainable_groups()`: 'backbone' runs at lr, 'head' at lr * lr_multi. When
+  `train` starts from the warmup model, the head parameters that come trained from it (`warm_params`:
+  the model's decoder and classifier) form a third group, 'warm_head', at lr * warm_head_lr_multi: the
+  papers' x10 is for a head trained from scratch, and a warm head restarted at 10x the backbone's LR is
+  knocked out of the minimum the warmup found (README, "Measured").
   Weight decay applies to every parameter, BN and biases included (as in UniMatch, reference §4).
 - Poly LR, set *before* optimiser step t (0-based, t = 0 .. T-1): lr_t = lr0 * (1 - t/T) ** power.
   Step 0 runs at lr0 and the last step at a small positive LR. The official code sets the LR after
@@ -15,6 +19,7 @@ Conventions (shared by every method):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,19 +30,37 @@ from s4seg.engine import distributed
 from s4seg.engine.method import AuxOptimizer, Method, StepOutput
 from s4seg.errors import ParamsError
 
-LR_ROLES = ("backbone", "head")
+LR_ROLES = ("backbone", "head", "warm_head")
 
 
-def lr_multiplier(role: str, lr_multi: float) -> float:
+def lr_multiplier(role: str, lr_multi: float, warm_head_lr_multi: float | None = None) -> float:
+    """The LR factor of a parameter group: 1 for the backbone, lr_multi for a head, warm_head_lr_multi (None:
+    lr_multi) for the head parameters trained by the warmup."""
     if role not in LR_ROLES:
         raise ValueError(f"unknown parameter group {role!r}; Method.trainable_groups() may return {LR_ROLES}")
-    return lr_multi if role == "head" else 1.0
+    if role == "warm_head" and warm_head_lr_multi is not None:
+        return warm_head_lr_multi
+    return 1.0 if role == "backbone" else lr_multi
+
+
+def split_warm_head(groups: dict[str, list[nn.Parameter]], warm_params: Iterable[nn.Parameter]
+                    ) -> dict[str, list[nn.Parameter]]:
+    """`groups` with the 'head' parameters that are among `warm_params` moved to 'warm_head'."""
+    warm = {id(p) for p in warm_params}
+    if not warm:
+        return groups
+    out = {role: list(params) for role, params in groups.items() if role != "head"}
+    head = groups.get("head", [])
+    out["head"] = [p for p in head if id(p) not in warm]
+    out["warm_head"] = out.get("warm_head", []) + [p for p in head if id(p) in warm]
+    return out
 
 
 def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """SGD (momentum, no Nesterov) or AdamW over the non-empty groups; each group remembers its role."""
+    warm_multi = getattr(cfg, "warm_head_lr_multi", None)  # a `train` section field (TrainStageConfig)
     param_groups = [
-        {"params": params, "role": role, "lr_scale": lr_multiplier(role, cfg.lr_multi), "lr": lr}
+        {"params": params, "role": role, "lr_scale": lr_multiplier(role, cfg.lr_multi, warm_multi), "lr": lr}
         for role, params in groups.items()
         if params
     ]
@@ -83,13 +106,19 @@ class Optimizers:
     (`Method.aux_optimizers()`), driven together: one place for the LR schedule, the backward of each loss
     into its own parameters, gradient averaging over ranks, the steps and the checkpointed state."""
 
-    def __init__(self, method: Method, cfg: TrainConfig, base_lr: float) -> None:
-        groups = method.trainable_groups()
+    def __init__(self, method: Method, cfg: TrainConfig, base_lr: float,
+                 warm_params: Iterable[nn.Parameter] = ()) -> None:
+        groups = split_warm_head(method.trainable_groups(), warm_params)
         self.params = [p for ps in groups.values() for p in ps]
         self.main = build_optimizer(groups, cfg, base_lr)
         self.aux_specs = method.aux_optimizers()
         self.aux = {name: build_aux_optimizer(spec) for name, spec in self.aux_specs.items()}
         self.base_lr, self.power, self.lr_warmup = base_lr, cfg.poly_power, cfg.lr_warmup
+
+    def describe(self) -> str:
+        """The main optimiser's LR groups, e.g. "backbone lr x1 (60 tensors), warm_head lr x1 (18 tensors)"."""
+        return ", ".join(f"{g['role']} lr x{g['lr_scale']:g} ({len(g['params'])} tensors)"
+                         for g in self.main.param_groups)
 
     def start_step(self, step: int, total: int) -> float:
         """Set every LR for optimiser step `step` of `total` (poly, after the optional linear warm-up) and

@@ -327,6 +327,10 @@ class RRN(Method):
         self.model_2.load_state_dict(self.model.state_dict())
         self._redraw_heads()
 
+    def warm_head_params(self) -> list[nn.Parameter]:
+        """Branch 1's head keeps the warmup's weights with reinit_heads 'twin'; 'both' re-draws it too."""
+        return [] if self.cfg.reinit_heads == "both" else super().warm_head_params()
+
     def twin_label_weight(self, step: int) -> float:
         """Weight of branch 1's CPS terms (it learning from the twin's labels) at `step`: the Gaussian ramp
         over `twin_rampup` of the run with reinit_heads 'twin', else 1 (see the module docstring)."""
