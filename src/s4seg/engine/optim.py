@@ -49,11 +49,9 @@ def split_warm_head(groups: dict[str, list[nn.Parameter]], warm_params: Iterable
     warm = {id(p) for p in warm_params}
     if not warm:
         return groups
-    out = {role: list(params) for role, params in groups.items() if role != "head"}
     head = groups.get("head", [])
-    out["head"] = [p for p in head if id(p) not in warm]
-    out["warm_head"] = out.get("warm_head", []) + [p for p in head if id(p) in warm]
-    return out
+    return {**{role: params for role, params in groups.items() if role != "head"},
+            "head": [p for p in head if id(p) not in warm], "warm_head": [p for p in head if id(p) in warm]}
 
 
 def build_optimizer(groups: dict[str, list[nn.Parameter]], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
