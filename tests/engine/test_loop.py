@@ -71,7 +71,8 @@ def test_csv_log_and_artifact(store, tmp_path):
     rows = _rows(tmp_path / "log.csv")
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert list(rows[0]) == ["step", "epoch", "lr", "loss_x", "loss_u", "loss", "pseudo_kept_share",
-                             "pseudo_kept_acc", "pseudo_tau95_share", "pseudo_tau95_acc", "pseudo_rank_acc"]
+                             "pseudo_kept_acc", "pseudo_tau95_share", "pseudo_tau95_acc", "pseudo_rank_acc",
+                             "pseudo_all_acc"]
     # 7 unlabeled tiles, batch 2 -> 3 micro-batches per epoch
     assert [float(r["epoch"]) for r in rows] == pytest.approx([2 / 3, 4 / 3, 2.0], abs=1e-5)
     assert float(rows[0]["lr"]) == pytest.approx(0.05 * (1 - 1 / 6) ** 0.9)  # lr of step index 1
@@ -123,7 +124,7 @@ def test_warm_start_with_a_zero_warm_head_lr_keeps_the_head(store, tmp_path):
 
 
 def test_pseudo_label_counts_on_a_hand_made_batch():
-    """Kept / FixMatch-rule / confidence-ranked pixels graded against the truth, counted by hand."""
+    """Kept / FixMatch-rule / confidence-ranked / all pixels graded against the truth, counted by hand."""
     from s4seg.engine.method import PseudoLabels
 
     label = torch.tensor([[[0, 1, 2, 1], [2, 2, 0, 1]]])
@@ -135,7 +136,8 @@ def test_pseudo_label_counts_on_a_hand_made_batch():
     # kept & valid: (0,1) right, (0,2) wrong, (0,3) no truth, (1,0) right, (1,1) wrong -> 5 kept, 4 graded, 2 right
     # conf >= 0.95: (0,0) right, (0,1) right, (0,2) wrong, (0,3) no truth -> 4 kept, 3 graded, 2 right
     # the 5 most confident valid pixels: the four above and (1,0) right -> 4 graded, 3 right
-    assert counts.tolist() == [7, 5, 4, 2, 4, 3, 2, 4, 3]
+    # every valid pixel: 6 with truth, right at (0,0), (0,1), (1,0), (1,2) -> 6 graded, 4 right
+    assert counts.tolist() == [7, 5, 4, 2, 4, 3, 2, 4, 3, 6, 4]
 
 
 def _crashing(method, at_step: int):

@@ -112,11 +112,13 @@ def pseudo_label_counts(pseudo: PseudoLabels, truth: Tensor, valid: Tensor | Non
     """Pixel counts that grade what a method trains on against the hidden ground truth `truth` (B, H, W).
 
     Returns float64 [valid, kept, graded, correct, tau_kept, tau_graded, tau_correct, rank_graded,
-    rank_correct]: valid unlabeled pixels; those the method keeps (`pseudo.keep`), kept with ground truth
-    (not IGNORE_INDEX), kept and correct. Then two references on the same labels of the same model at the
-    same step, so that a method that mines more pixels (CorrMatch, RegionMatch's PRSPL) can be judged at
-    equal footing: `tau_*`, the pixels FixMatch's rule keeps (`pseudo.conf >= tau`); `rank_*`, as many
-    pixels as the method keeps, chosen by confidence alone (the highest `pseudo.conf` of the batch).
+    rank_correct, all_graded, all_correct]: valid unlabeled pixels; those the method keeps (`pseudo.keep`),
+    kept with ground truth (not IGNORE_INDEX), kept and correct. Then references on the same labels of the
+    same model at the same step, so that a method that mines more pixels (CorrMatch, RegionMatch's PRSPL)
+    can be judged at equal footing: `tau_*`, the pixels FixMatch's rule keeps (`pseudo.conf >= tau`);
+    `rank_*`, as many pixels as the method keeps, chosen by confidence alone (the highest `pseudo.conf` of
+    the batch); `all_*`, every valid pixel (the accuracy of the whole pseudo-label map, which compares the
+    teachers of two runs whatever they keep).
     """
     valid = valid.bool() if valid is not None else torch.ones_like(truth, dtype=torch.bool)
     has_truth = truth != IGNORE_INDEX
@@ -132,7 +134,8 @@ def pseudo_label_counts(pseudo: PseudoLabels, truth: Tensor, valid: Tensor | Non
     if n_kept > 0:  # the n_kept most confident valid pixels
         conf = torch.where(valid, pseudo.conf.float(), torch.tensor(-1.0, device=valid.device)).flatten()
         rank_keep.view(-1)[conf.topk(n_kept).indices] = True
-    counts = [valid.sum(), keep.sum(), *graded(keep), tau_keep.sum(), *graded(tau_keep), *graded(rank_keep)]
+    counts = [valid.sum(), keep.sum(), *graded(keep), tau_keep.sum(), *graded(tau_keep), *graded(rank_keep),
+              *graded(valid)]
     return torch.stack(counts).double()
 
 
@@ -167,8 +170,8 @@ class StepStats:
     def row(self) -> dict[str, float]:
         out = {k: float(v) / self.count for k, v in self.sums.items()}
         if self.pseudo is not None:
-            valid, kept, graded, correct, tau_kept, tau_graded, tau_correct, rank_graded, rank_correct = (
-                self.pseudo.tolist())
+            (valid, kept, graded, correct, tau_kept, tau_graded, tau_correct, rank_graded, rank_correct,
+             all_graded, all_correct) = self.pseudo.tolist()
 
             def ratio(a: float, b: float) -> float:
                 return a / b if b > 0 else math.nan
@@ -179,6 +182,7 @@ class StepStats:
             out["pseudo_tau95_share"] = ratio(tau_kept, valid)
             out["pseudo_tau95_acc"] = ratio(tau_correct, tau_graded)
             out["pseudo_rank_acc"] = ratio(rank_correct, rank_graded)
+            out["pseudo_all_acc"] = ratio(all_correct, all_graded)  # the whole pseudo-label map
         return out
 
 
