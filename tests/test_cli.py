@@ -53,10 +53,13 @@ def test_unknown_preset_is_one_line_error(capsys: pytest.CaptureFixture[str]) ->
 def test_dubai_preset_states_an_explicit_train_budget(capsys: pytest.CaptureFixture[str]) -> None:
     preset = yaml.safe_load((PRESETS_DIR / "dubai.yaml").read_text())
     assert preset["train"]["iterations"] == 168  # not params.yaml's 8 epochs (~2,400 steps on Dubai)
+    assert preset["warmup"]["iterations"] == 600  # not params.yaml's 200: Dubai's warmup converges later
     main(["preset", "dubai"])
     captured = capsys.readouterr()
     assert "train.iterations=168" in captured.out and "168" not in captured.out.replace("++train.iterations=168", "")
-    assert "preset dubai: " in captured.err and "train 168 steps (preset train.iterations)" in captured.err
+    assert "++warmup.iterations=600" in captured.out
+    assert "preset dubai: warmup 600 steps (preset warmup.iterations), train 168 steps (preset train.iterations)" \
+        in captured.err
 
 
 def test_budget_note_names_where_each_value_comes_from() -> None:
