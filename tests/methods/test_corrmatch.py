@@ -382,6 +382,16 @@ def test_correlation_losses_train_the_head_and_encoder_not_the_decoder(monkeypat
     assert method.model.c4[0].weight.grad.abs().sum() > 0  # the encoder, through the deepest feature
 
 
+def test_corr_grad_to_encoder_false_stops_the_correlation_losses_at_the_projection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    method = make(tau_init=0.0, dynamic_tau=False, corr_grad_to_encoder=False)
+    monkeypatch.setattr(corrmatch, "corrmatch_loss", lambda lx, lxc, lh, ls, lc, w, fp=None: lxc + lc)
+    method.training_step(make_batch(), 0).loss.backward()
+    assert all(p.grad is None for p in method.model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.correlation.parameters()
+               if p.dim() > 1)
+
+
 def test_training_step_gradients_reach_every_trainable_parameter() -> None:
     method = make(tau_init=0.0, dynamic_tau=False)
     out = method.training_step(make_batch(), 0)

@@ -57,6 +57,9 @@ Where the paper and the code differ, or the paper is silent:
   grad, no dropout): `pseudo_labels()`, which the dump writes, applies the same selection. true = the code:
   the detached weak logits and C of the train-mode labeled + weak forward (BN batch statistics, dropout on).
   The CutMix partner is the engine's second unlabeled batch, labelled in eval mode, as in the code.
+- Gradient path (`corr_grad_to_encoder`): the correlation losses reach the encoder through the deepest
+  feature, in the paper and the code; false detaches that feature (they then train the projection, w1 and
+  w2 only). Measured on the synthetic default (README): it does not change what holds corrmatch back.
 - Labeled criterion: CE (the code's VOC setting); the code's Cityscapes OHEM is not implemented here.
 
 Dump (`pseudo_labels`): label = propagated label, conf = its softmax probability, keep = M (what L_u^h trains
@@ -116,6 +119,7 @@ class CorrMatchConfig(MethodConfig):
     fp_dropout: float = 0.5  # Dropout2d of that stream (code)
     kl_unmixed_target: bool = False  # true: code's KL target, the un-mixed weak softmax even inside the box
     weak_labels_from_train_forward: bool = False  # true: code's train-mode labeled + weak forward labels
+    corr_grad_to_encoder: bool = True  # paper and code; false: the correlation losses stop at the projection
 
     def __post_init__(self) -> None:
         unit = {"tau_init": self.tau_init, "tau_momentum": self.tau_momentum}
@@ -334,7 +338,7 @@ class CorrMatch(Method):
         n_x = len(batch.x)
         feats = self.model.encode(torch.cat([batch.x, batch.u_w]))
         logits_xw, logits_fp = self._decode_weak(feats, size, n_x)
-        corr_xw = self.correlation(feats[-1])
+        corr_xw = self._correlate(feats[-1])
         z_x, z_w = propagate_pixels(logits_xw, corr_xw, tuple(feats[-1].shape[-2:]), size).split([n_x, len(batch.u_w)])
         logits_x, logits_w = logits_xw.split([n_x, len(batch.u_w)])
         if cfg.weak_labels_from_train_forward:
@@ -357,7 +361,7 @@ class CorrMatch(Method):
         # The single strong stream: CutMix with the partner's strong view, with the correlation branch
         feats_s = self.model.encode(paste(batch.u_s1, batch.u_s1_mix, box))
         logits_s = self.model.decode(feats_s, size)
-        z_s = propagate_pixels(logits_s, self.correlation(feats_s[-1]), tuple(feats_s[-1].shape[-2:]), size)
+        z_s = propagate_pixels(logits_s, self._correlate(feats_s[-1]), tuple(feats_s[-1].shape[-2:]), size)
 
         loss_x = labeled_ce(logits_x, batch.y)  # L_s^h
         loss_x_c = labeled_ce(z_x, batch.y)  # L_s^c, §3.2
@@ -392,6 +396,11 @@ class CorrMatch(Method):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(class_max, op=dist.ReduceOp.MAX)
         self.tau.copy_(updated_threshold(self.tau, class_max, self.cfg.tau_momentum))
+
+    def _correlate(self, feat: Tensor) -> Tensor:
+        """C of a training forward; without `corr_grad_to_encoder` the feature is detached, so the correlation
+        losses train the projection, w1 and w2 only (an ablation for warm starts, not the paper's path)."""
+        return self.correlation(feat if self.cfg.corr_grad_to_encoder else feat.detach())
 
     def _decode_weak(self, feats: list[Tensor], size: tuple[int, int], n_x: int) -> tuple[Tensor, Tensor | None]:
         """Logits of labeled + weak images; with `fp_stream`, also the weak view's perturbed logits, decoded
