@@ -29,9 +29,13 @@ def _brute_pixels(pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, k: int) 
     def r(a: str, b: str) -> list[float]:
         return [c[a][i] / c[b][i] if c[b][i] else math.nan for i in range(k + 1)]
 
+    kept_share = [c["kept"][i] / c["kept"][k] for i in range(k)]
+    gt_share = [c["gt_valid"][i] / c["gt_valid"][k] for i in range(k)]
+    bias = [kept_share[i] - gt_share[i] for i in range(k)]
     return {"accuracy": r("kept_correct", "kept"), "accuracy_all": r("correct", "valid"),
             "coverage": r("kept", "valid"), "mining_ratio": r("kept_correct", "correct"),
-            "effective_ratio": r("kept_correct", "gt_valid")}
+            "effective_ratio": r("kept_correct", "gt_valid"), "kept_share": [*kept_share, 1.0],
+            "class_bias": [*bias, sum(abs(b) for b in bias) / 2]}
 
 
 def _close(a: float, b: float) -> bool:
@@ -75,6 +79,11 @@ def test_hand_counted_case() -> None:
     assert m["coverage"] == pytest.approx(4 / 5)
     assert m["mining_ratio"] == pytest.approx(2 / 3)
     assert m["effective_ratio"] == pytest.approx(2 / 5)
+    # kept pseudo-labels 0, 1, 1, 0: mix (1/2, 1/2); valid ground truth 0, 0, 1, 1, 1: mix (2/5, 3/5)
+    per_class = q.per_class()
+    assert per_class["kept_share"] == pytest.approx([1 / 2, 1 / 2])
+    assert per_class["class_bias"] == pytest.approx([1 / 10, -1 / 10])
+    assert m["class_bias"] == pytest.approx(1 / 10)
 
 
 def _brute_regions(regions: np.ndarray, pseudo: np.ndarray, gt: np.ndarray, k: int) -> dict[str, list[float]]:

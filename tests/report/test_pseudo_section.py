@@ -37,6 +37,18 @@ def test_quality_table_from_parquet_with_gain(tmp_path: Path) -> None:
     assert "during training" not in markdown  # no snapshots given
 
 
+def test_class_mix_gap_in_the_table_kept_share_in_the_figure_only(tmp_path: Path) -> None:
+    rows = [{"model": "student", "class": c, "metric": m, "value": v}
+            for c, m, v in [("all", "kept_share", 1.0), ("all", "class_bias", 0.25), ("road", "kept_share", 0.75),
+                            ("tree", "kept_share", 0.25), ("road", "class_bias", 0.25), ("tree", "class_bias", -0.25),
+                            ("all", "coverage", 0.5), ("road", "coverage", 0.5), ("tree", "coverage", 0.5)]]
+    pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
+    markdown, figures = pseudo_section(ReportInputs(pseudo=tmp_path / "p.parquet"), tmp_path / "fig")
+    assert "| class mix gap (kept vs ground truth) | 25.0 |" in markdown
+    assert "share of the kept pixels" not in markdown  # 100 % overall by definition: per class only
+    assert [p.name for p in figures] == ["pseudo_per_class.png"] and figures[0].is_file()
+
+
 def test_quality_table_from_json_only(tmp_path: Path) -> None:
     flat = {"student.accuracy": 0.75, "warmup.accuracy": 0.5, "gain.accuracy": 0.25, "student.coverage": None,
             "warmup.coverage": 0.5}

@@ -17,6 +17,12 @@ Pixel metrics (overall, and per class c):
   the proportion of accurately predicted pseudo labels to the whole image, which can reflect effective
   pseudo label numbers", i.e. kept & correct / valid ("the whole image" read as its valid pixels). Per
   class: among valid pixels whose ground truth is c (the share of class c that gets a correct, kept label).
+- `kept_share`: per class, the share of the kept pixels whose pseudo-label is c: the class mix of what the
+  method trains on (overall: 1, every kept pixel).
+- `class_bias`: per class, `kept_share` minus the share of class c in the valid ground truth (positive: the
+  class is over-represented in the training signal); overall, the total variation distance between the two
+  mixes, half the sum of |bias| (0: the ground truth's mix; 1: disjoint). A confidence threshold keeps easy
+  classes and drops hard ones, so this shows how far the unlabeled loss re-weights the classes.
 
 Region metrics, RegionMatch Fig. 1 (IJCAI 2025): "Region labels are derived from pixel predictions, with the
 true category defined as the ground truth of the dominant pixel. Based on this, the region accuracy is
@@ -43,7 +49,8 @@ import numpy as np
 
 from s4seg.config import IGNORE_INDEX
 
-PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio")
+PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio", "kept_share",
+                 "class_bias")
 REGION_METRICS = ("region_accuracy", "region_consistency", "regions")
 METRICS = PIXEL_METRICS + REGION_METRICS
 
@@ -149,6 +156,8 @@ class PseudoQuality:
             "coverage": _ratio(self.kept.sum(), self.valid.sum()),
             "mining_ratio": _ratio(self.kept_correct.sum(), self.correct.sum()),
             "effective_ratio": _ratio(self.kept_correct.sum(), self.valid.sum()),
+            "kept_share": _ratio(self.kept.sum(), self.kept.sum()),
+            "class_bias": float(np.abs(self._class_bias()).sum() / 2),
             "region_accuracy": _ratio(self.regions_correct.sum(), self.regions.sum()),
             "region_consistency": _ratio(self.consistency_sum.sum(), self.regions.sum()),
             "regions": float(self.regions.sum()),
@@ -162,10 +171,16 @@ class PseudoQuality:
             "coverage": _ratio(self.kept, self.valid),
             "mining_ratio": _ratio(self.kept_correct, self.correct),
             "effective_ratio": _ratio(self.kept_correct, self.gt_valid),
+            "kept_share": _ratio(self.kept, self.kept.sum()),
+            "class_bias": self._class_bias(),
             "region_accuracy": _ratio(self.regions_correct, self.regions),
             "region_consistency": _ratio(self.consistency_sum, self.regions),
             "regions": self.regions.astype(np.float64),
         }
+
+    def _class_bias(self) -> np.ndarray:
+        """(K,) kept share minus ground-truth share per class; NaN when nothing is kept or judged."""
+        return _ratio(self.kept, self.kept.sum()) - _ratio(self.gt_valid, self.gt_valid.sum())
 
     def table(self, model: str, classes: Sequence[str]) -> list[dict[str, object]]:
         """Long rows (model, class, metric, value): one per class and metric, plus class "all" (overall)."""

@@ -31,6 +31,8 @@ LABELS = {
     "coverage": "coverage",
     "mining_ratio": "mining ratio",
     "effective_ratio": "effective ratio",
+    "kept_share": "share of the kept pixels",
+    "class_bias": "class mix gap (kept vs ground truth)",
     "region_accuracy": "region accuracy",
     "region_consistency": "region consistency",
     "regions": "regions",
@@ -56,7 +58,8 @@ def _overall(ctx: ReportContext) -> pd.DataFrame | None:
             if model in MODELS:
                 values.setdefault(model, {})[metric] = np.nan if value is None else value
         rows = pd.DataFrame(values)
-    rows = rows.reindex(index=[m for m in METRICS if m in rows.index],
+    # kept_share is 1 overall by definition: a per-class metric only (the figure)
+    rows = rows.reindex(index=[m for m in METRICS if m in rows.index and m != "kept_share"],
                         columns=[m for m in MODELS if m in rows.columns])
     if rows.empty:
         return None
@@ -79,7 +82,9 @@ def pseudo_quality(ctx: ReportContext) -> Section | None:
         f"rule, and the supervised warmup model with selection `{selection}`. Coverage is the share of valid "
         "pixels selected; mining ratio = selected correct / all correct and effective ratio = selected correct "
         "/ all valid pixels (CorrMatch Sec. 4.4); region accuracy and consistency follow RegionMatch Fig. 1 "
-        "on the connected components of each pseudo-label.")]
+        "on the connected components of each pseudo-label. The class mix gap is how far the classes of the "
+        "selected pixels (what the unlabeled loss trains on) are from the ground truth's mix: half the sum "
+        "of the per-class differences of shares (0: the same mix).")]
     percent = rows.drop(index="regions", errors="ignore") * 100
     blocks.append(Table(percent.rename(index=LABELS).rename_axis("metric (%)"), float_format="{:.1f}"))
     if "regions" in rows.index:
@@ -87,8 +92,9 @@ def pseudo_quality(ctx: ReportContext) -> Section | None:
         blocks.append(Table(counts, float_format="{:.0f}"))
     figure = _per_class_figure(ctx)
     if figure is not None:
-        blocks.append(Image(figure, "Per class: accuracy of the selected pseudo-labels and coverage "
-                                    "(classes by pseudo-label)"))
+        blocks.append(Image(figure, "Per class: accuracy of the selected pseudo-labels, coverage (classes by "
+                                    "pseudo-label) and the class mix of the selected pixels against the ground "
+                                    "truth's"))
     blocks += _examples(ctx)
     return Section("Pseudo-label quality", blocks)
 
@@ -102,18 +108,28 @@ def _per_class_figure(ctx: ReportContext) -> str | None:
     models = [m for m in MODELS if m in set(per_class["model"])]
     if not classes or not models:
         return None
-    fig = new_figure(max(4.0, 0.9 * len(classes) + 1.5), 4.4)
-    axes = fig.subplots(2, 1, sharex=True)
+    def values(model: str, metric: str) -> np.ndarray:
+        rows = per_class[(per_class["model"] == model) & (per_class["metric"] == metric)]
+        return rows.set_index("class")["value"].reindex(classes).to_numpy(dtype=float)
+
+    metrics = [m for m in ("accuracy", "coverage", "kept_share") if m in set(per_class["metric"])]
+    fig = new_figure(max(4.0, 0.9 * len(classes) + 1.5), 2.2 * len(metrics))
+    axes = np.atleast_1d(fig.subplots(len(metrics), 1, sharex=True))
     x = np.arange(len(classes))
     width = 0.8 / len(models)
-    for ax, metric in zip(axes, ("accuracy", "coverage"), strict=True):
+    for ax, metric in zip(axes, metrics, strict=True):
         for i, model in enumerate(models):
-            values = (per_class[(per_class["model"] == model) & (per_class["metric"] == metric)]
-                      .set_index("class")["value"].reindex(classes))
-            ax.bar(x + (i - (len(models) - 1) / 2) * width, 100 * values.to_numpy(dtype=float), width,
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, 100 * values(model, metric), width,
                    label=model, color=model_color(model, i))
         ax.set_ylabel(f"{LABELS[metric]} (%)", fontsize="small")
         ax.set_ylim(0, 100)
+    if metrics[-1] == "kept_share" and "class_bias" in set(per_class["metric"]):
+        # the ground truth's mix is the same for every model: kept share minus its gap
+        truth = values(models[0], "kept_share") - values(models[0], "class_bias")
+        axes[-1].scatter(x, 100 * truth, marker="_", s=400, color="black", label="ground truth", zorder=3)
+        highest = np.nanmax(np.concatenate([truth, *(values(m, "kept_share") for m in models)]))
+        axes[-1].set_ylim(0, max(10.0, 110 * highest))
+        axes[-1].legend(frameon=False, fontsize="small")
     axes[0].legend(frameon=False, fontsize="small", ncols=len(models))
     axes[1].set_xticks(x, classes, rotation=30 if len(classes) > 6 else 0, fontsize="small")
     return ctx.save_figure(fig, "pseudo_per_class")
