@@ -69,6 +69,13 @@ def test_writer_layout_and_quality(store: TileStore, tmp_path: Path) -> None:
     assert q["coverage"].tolist() == pytest.approx([1.0, (keep1 & valid).sum() / valid.sum()])
     assert q["accuracy_all"].tolist() == pytest.approx([0.0, 1.0])
 
+    def mix(labels: np.ndarray) -> np.ndarray:
+        return np.bincount(labels, minlength=2) / labels.size
+
+    truth = mix(gt[valid])  # step 10 keeps everything with the classes swapped; step 20 the first columns, right
+    expected = [np.abs(truth[::-1] - truth).sum() / 2, np.abs(mix(gt[valid & keep1]) - truth).sum() / 2]
+    assert q["class_bias"].tolist() == pytest.approx(expected) and expected[1] > 0
+
 
 def test_empty_store_and_abort(store: TileStore, tmp_path: Path) -> None:
     out = tmp_path / "snapshots.zarr"

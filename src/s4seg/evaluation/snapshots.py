@@ -160,10 +160,14 @@ def open_snapshots(path: str | Path) -> zarr.Group:
     return group
 
 
+SNAPSHOT_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio", "class_bias")
+
+
 def snapshot_quality(path: str | Path) -> pd.DataFrame:
     """One row per snapshot: step and the overall pixel metrics of `s4seg.evaluation.pseudo_quality`.
 
-    Columns: step, accuracy, accuracy_all, coverage, mining_ratio, effective_ratio (no region metrics).
+    Columns: step, accuracy, accuracy_all, coverage, mining_ratio, effective_ratio, class_bias (no region
+    metrics).
     """
     group = open_snapshots(path)
     steps = np.asarray(group["steps"][:])
@@ -174,8 +178,5 @@ def snapshot_quality(path: str | Path) -> pd.DataFrame:
         q = PseudoQuality(k)
         q.update(np.asarray(group["pseudo"][s]), np.asarray(group["keep"][s]), gt)
         m = q.metrics()
-        rows.append({"step": int(step), **{name: m[name] for name in
-                                           ("accuracy", "accuracy_all", "coverage", "mining_ratio",
-                                            "effective_ratio")}})
-    columns = ["step", "accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio"]
-    return pd.DataFrame(rows, columns=columns)
+        rows.append({"step": int(step), **{name: m[name] for name in SNAPSHOT_METRICS}})
+    return pd.DataFrame(rows, columns=["step", *SNAPSHOT_METRICS])

@@ -179,7 +179,7 @@ def pseudo_snapshots(ctx: ReportContext) -> Section | None:
                         "Coverage and accuracy of the pseudo-labels vs iteration"))
     blocks.append(Image(_strip(ctx), "One tile's pseudo-label over training (selected pixels in colour, the rest "
                                      "dark), and its ground truth"))
-    curve_table = (curve.set_index("step")[["accuracy", "coverage", "effective_ratio"]] * 100)
+    curve_table = (curve.set_index("step")[["accuracy", "coverage", "effective_ratio", "class_bias"]] * 100)
     blocks.append(Table(curve_table.rename(columns=LABELS).rename_axis("iteration"), float_format="{:.1f}",
                         caption="In percent"))
     return Section("Pseudo-labels during training", blocks)
