@@ -47,6 +47,10 @@ def test_class_mix_gap_in_the_table_kept_share_in_the_figure_only(tmp_path: Path
     assert "| class mix gap (kept vs ground truth) | 25.0 |" in markdown
     assert "share of the kept pixels" not in markdown  # 100 % overall by definition: per class only
     assert [p.name for p in figures] == ["pseudo_per_class.png"] and figures[0].is_file()
+    # a table with one per-class metric gets a one-panel figure
+    pd.DataFrame([r for r in rows if r["metric"] == "coverage"]).to_parquet(tmp_path / "one.parquet")
+    _, figures = pseudo_section(ReportInputs(pseudo=tmp_path / "one.parquet"), tmp_path / "fig1")
+    assert [p.name for p in figures] == ["pseudo_per_class.png"]
 
 
 def test_quality_table_from_json_only(tmp_path: Path) -> None:

@@ -108,11 +108,14 @@ def _per_class_figure(ctx: ReportContext) -> str | None:
     models = [m for m in MODELS if m in set(per_class["model"])]
     if not classes or not models:
         return None
+
     def values(model: str, metric: str) -> np.ndarray:
         rows = per_class[(per_class["model"] == model) & (per_class["metric"] == metric)]
         return rows.set_index("class")["value"].reindex(classes).to_numpy(dtype=float)
 
     metrics = [m for m in ("accuracy", "coverage", "kept_share") if m in set(per_class["metric"])]
+    if not metrics:
+        return None
     fig = new_figure(max(4.0, 0.9 * len(classes) + 1.5), 2.2 * len(metrics))
     axes = np.atleast_1d(fig.subplots(len(metrics), 1, sharex=True))
     x = np.arange(len(classes))
@@ -131,7 +134,7 @@ def _per_class_figure(ctx: ReportContext) -> str | None:
         axes[-1].set_ylim(0, max(10.0, 110 * highest))
         axes[-1].legend(frameon=False, fontsize="small")
     axes[0].legend(frameon=False, fontsize="small", ncols=len(models))
-    axes[1].set_xticks(x, classes, rotation=30 if len(classes) > 6 else 0, fontsize="small")
+    axes[-1].set_xticks(x, classes, rotation=30 if len(classes) > 6 else 0, fontsize="small")
     return ctx.save_figure(fig, "pseudo_per_class")
 
 
