@@ -8,7 +8,8 @@ Outputs (each written atomically):
 - `--out` the Zarr dump (layout: s4seg.evaluation.dump), written with the method's own `pseudo_labels`.
 - `--metrics` flat JSON for `dvc metrics diff`: `student.<m>`, `warmup.<m>` and `gain.<m>` = student - warmup
   for every metric of s4seg.evaluation.pseudo_quality (accuracy, accuracy_all, coverage, mining_ratio,
-  effective_ratio, kept_share, class_bias, region_accuracy, region_consistency, regions). NaN is written as null.
+  effective_ratio, kept_share, class_bias, propagated_coverage, propagated_accuracy, region_accuracy,
+  region_consistency, regions). NaN is written as null.
 - `--table` Parquet, long: (model, class, metric, value), per class and class "all".
 
 The warmup model is scored on the same tiles with the trained method's fixed confidence threshold when the

@@ -15,6 +15,7 @@ from s4seg.engine.method import Method, MethodConfig, PseudoLabels
 from s4seg.evaluation.dump import params_hash, warmup_threshold, write_dump
 from s4seg.evaluation.pseudo_quality import PseudoQuality
 from s4seg.evaluation.regions import pseudo_regions
+from s4seg.report.inspect import dump_quality
 
 T, K = 16, 3
 CLASSES = ["road", "tree", "roof"]
@@ -40,10 +41,11 @@ class TinyMethod(Method):
 
     name = "tiny"
 
-    def __init__(self, fail_on_batch: int | None = None, extra: bool = False, regions: bool = False) -> None:
+    def __init__(self, fail_on_batch: int | None = None, extra: bool = False, regions: bool = False,
+                 expand: bool = False) -> None:
         torch.manual_seed(0)
         super().__init__(MethodConfig(), nn.Conv2d(3, K, 1), K)
-        self.fail_on_batch, self.extra, self.regions = fail_on_batch, extra, regions
+        self.fail_on_batch, self.extra, self.regions, self.expand = fail_on_batch, extra, regions, expand
         self.calls = 0
 
     def pseudo_labels(self, images: Tensor, valid: Tensor | None = None) -> PseudoLabels:
@@ -54,6 +56,9 @@ class TinyMethod(Method):
         out = PseudoLabels(label=label, conf=conf, keep=conf >= 0.4)
         if self.extra:
             out.extra = {"score": conf.double() * 2, "flags": label == 0}
+        if self.expand:  # CorrMatch-like: keeps class 0 beyond its confident set, which it names
+            out.extra = {"confident": out.keep, "flags": label == 0}
+            out.keep = out.keep | (label == 0)
         if self.regions:  # quadrants as regions, ids 10 and 20 (and -1 = none in the last row)
             r = torch.full_like(label, 10, dtype=torch.int32)
             r[:, :, T // 2 :] = 20
@@ -134,6 +139,24 @@ def test_extra_layers_and_method_regions(store: TileStore, tmp_path: Path) -> No
     regions = g["regions"][0]
     assert (regions[-1] == 0).all() and (regions[0, : T // 2] == 1).all() and (regions[0, T // 2 :] == 2).all()
     assert g["region_offsets"][:].tolist() == [0, 2, 4, 6, 8, 10]
+
+
+def test_expanded_selection_is_scored_from_the_confident_layer(store: TileStore, tmp_path: Path) -> None:
+    """`extra["confident"]` feeds the propagated_* metrics, in the dump's counts and in the counts
+    `s4seg inspect` recomputes from the stored arrays."""
+    out = tmp_path / "pseudo.zarr"
+    quality = write_dump(TinyMethod(expand=True), store, UNLABELED, out, batch_size=2, device="cpu", progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    confident, keep, gt = g["extra/confident"][:], g["keep"][:], g["gt"][:]
+    added = keep & ~confident & (gt != 255)
+    assert added.any() and (keep != confident).any()  # the method does expand
+    m = quality.metrics()
+    assert m["propagated_coverage"] == pytest.approx(added.sum() / (gt != 255).sum())
+    assert m["propagated_accuracy"] == pytest.approx((g["pseudo"][:] == gt)[added].mean())
+    assert dump_quality(out).metrics() == pytest.approx(m, nan_ok=True)
+    plain = write_dump(TinyMethod(), store, UNLABELED, tmp_path / "plain.zarr", batch_size=2, device="cpu",
+                       progress=False)
+    assert np.isnan(plain.metrics()["propagated_coverage"])
 
 
 def test_bf16_dump_matches_fp32_within_bf16_rounding(store: TileStore, tmp_path: Path) -> None:

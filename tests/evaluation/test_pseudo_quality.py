@@ -86,6 +86,53 @@ def test_hand_counted_case() -> None:
     assert m["class_bias"] == pytest.approx(1 / 10)
 
 
+def test_propagated_metrics_match_brute_force() -> None:
+    """Kept pixels outside the method's confident set, counted pixel by pixel; tiles without a confident set
+    (the second update) count nowhere in the propagated metrics."""
+    rng = np.random.default_rng(3)
+    k = 3
+    gt = rng.integers(0, k, (2, 8, 6)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.15] = IGN
+    pseudo = np.where(rng.random(gt.shape) < 0.7, np.where(gt == IGN, 1, gt), rng.integers(0, k, gt.shape))
+    confident = rng.random(gt.shape) < 0.5
+    keep = confident | (rng.random(gt.shape) < 0.4)  # M = F united with the "regions"
+    keep[0, 0, 0], confident[0, 0, 0], gt[0, 0, 0] = True, False, IGN  # an added ignore pixel counts nowhere
+    q = PseudoQuality(k)
+    q.update(pseudo, keep, gt, confident=confident)
+    q.update(rng.integers(0, k, (4, 4)), np.ones((4, 4), bool), rng.integers(0, k, (4, 4)).astype(np.uint8))
+    base, added, added_ok = [0] * (k + 1), [0] * (k + 1), [0] * (k + 1)
+    for p_, kp, f, g in zip(pseudo.ravel(), keep.ravel(), confident.ravel(), gt.ravel(), strict=True):
+        if g == IGN:
+            continue
+        for idx in (int(p_), k):
+            base[idx] += 1
+            added[idx] += int(kp and not f)
+            added_ok[idx] += int(kp and not f and p_ == g)
+    per_class, overall = q.per_class(), q.metrics()
+    for c in range(k):
+        assert _close(per_class["propagated_coverage"][c], added[c] / base[c])
+        assert _close(per_class["propagated_accuracy"][c], added_ok[c] / added[c] if added[c] else math.nan)
+    assert overall["propagated_coverage"] == pytest.approx(added[k] / base[k])
+    assert overall["propagated_accuracy"] == pytest.approx(added_ok[k] / added[k])
+
+
+def test_propagated_metrics_hand_counted_and_nan_without_a_confident_set() -> None:
+    # 1x4 tile: gt [0, 1, 1, 255], pseudo [0, 0, 1, 1], F [1, 0, 0, 0], M [1, 1, 1, 1]:
+    # valid pixels 3; added (M & ~F, valid): pixels 1 (wrong) and 2 (right)
+    gt = np.array([[0, 1, 1, IGN]], np.uint8)
+    q = PseudoQuality(2)
+    q.update(np.array([[0, 0, 1, 1]]), np.ones((1, 4), bool), gt, confident=np.array([[1, 0, 0, 0]], bool))
+    m = q.metrics()
+    assert m["propagated_coverage"] == pytest.approx(2 / 3)
+    assert m["propagated_accuracy"] == pytest.approx(1 / 2)
+    assert q.per_class()["propagated_accuracy"] == pytest.approx([0.0, 1.0])
+    plain = PseudoQuality(2)
+    plain.update(np.array([[0, 0, 1, 1]]), np.ones((1, 4), bool), gt)
+    assert math.isnan(plain.metrics()["propagated_coverage"]) and math.isnan(plain.metrics()["propagated_accuracy"])
+    with pytest.raises(ValueError, match="confident shape"):
+        q.update(np.zeros((1, 4), int), np.ones((1, 4), bool), gt, confident=np.ones((1, 3), bool))
+
+
 def _brute_regions(regions: np.ndarray, pseudo: np.ndarray, gt: np.ndarray, k: int) -> dict[str, list[float]]:
     correct, consistency, count = [0] * (k + 1), [0.0] * (k + 1), [0] * (k + 1)
     for rid in range(1, int(regions.max()) + 1):

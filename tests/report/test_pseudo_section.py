@@ -53,6 +53,19 @@ def test_class_mix_gap_in_the_table_kept_share_in_the_figure_only(tmp_path: Path
     assert [p.name for p in figures] == ["pseudo_per_class.png"]
 
 
+def test_propagation_rows_only_where_a_model_has_them(tmp_path: Path) -> None:
+    nan = float("nan")
+    student = {"coverage": 0.5, "propagated_coverage": 0.02, "propagated_accuracy": 0.7, "region_accuracy": nan}
+    warmup = {"coverage": 0.25, "propagated_coverage": nan, "propagated_accuracy": nan, "region_accuracy": nan}
+    rows = [{"model": model, "class": "all", "metric": metric, "value": value}
+            for model, values in (("student", student), ("warmup", warmup)) for metric, value in values.items()]
+    pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
+    markdown, _ = pseudo_section(ReportInputs(pseudo=tmp_path / "p.parquet"), tmp_path / "fig")
+    assert "| coverage added by propagation | n/a | 2.0 | n/a |" in markdown
+    assert "| accuracy of what propagation added | n/a | 70.0 | n/a |" in markdown
+    assert "| region accuracy |" not in markdown  # no model has it: no row of n/a
+
+
 def test_quality_table_from_json_only(tmp_path: Path) -> None:
     flat = {"student.accuracy": 0.75, "warmup.accuracy": 0.5, "gain.accuracy": 0.25, "student.coverage": None,
             "warmup.coverage": 0.5}

@@ -34,7 +34,10 @@ Regions: by default the connected components of the pseudo-label, per class, 8-c
 Extension point: every entry `name -> (B, ...) tensor` of `PseudoLabels.extra` becomes the array
 `extra/<name>` with shape (N, ...), one chunk per tile, stored with the tensor's dtype (float64 as float32).
 A method adds a layer to the dump (propagated regions, region-classifier outputs, discriminator maps) by
-filling `extra` in its `pseudo_labels`; nothing here changes. Every batch must return the same keys.
+filling `extra` in its `pseudo_labels`; nothing here changes. Every batch must return the same keys. One
+name has a meaning here: `confident`, a bool layer of the pixels the method would keep before it expands
+its selection (CorrMatch's F before region propagation); the quality then scores what the expansion adds
+(`propagated_coverage`, `propagated_accuracy` of `s4seg.evaluation.pseudo_quality`).
 
 Atomicity: the store is built in a temporary sibling and renamed onto `dumps/pseudo.zarr` only when
 complete (`s4seg.io.atomic_dir`); an interrupted dump leaves the previous store in place.
@@ -65,7 +68,7 @@ from zarr.codecs import BloscCodec
 
 from s4seg.data.store import TileStore
 from s4seg.engine.method import Method, PseudoLabels
-from s4seg.evaluation.pseudo_quality import PseudoQuality
+from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, PseudoQuality
 from s4seg.evaluation.regions import pseudo_regions, region_table, relabel_regions
 from s4seg.io import atomic_dir, atomic_path
 from s4seg.runtime import make_runtime
@@ -230,7 +233,9 @@ class _DumpWriter:
             row = b.rows.start + i
             self.tables.append((row, table))
             self.region_counts[row] = len(table)
-            self.quality.update(b.pseudo[i], b.keep[i], b.gt[i], regions[i], table.cls)
+            confident = b.extra.get(CONFIDENT_LAYER)
+            self.quality.update(b.pseudo[i], b.keep[i], b.gt[i], regions[i], table.cls,
+                                None if confident is None else confident[i])
         self.tile_id[b.rows] = b.tile_ids
         self.pseudo[b.rows] = b.pseudo
         self.conf[b.rows] = b.conf.astype(np.float16)

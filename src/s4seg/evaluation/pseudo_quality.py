@@ -23,6 +23,11 @@ Pixel metrics (overall, and per class c):
   class is over-represented in the training signal); overall, the total variation distance between the two
   mixes, half the sum of |bias| (0: the ground truth's mix; 1: disjoint). A confidence threshold keeps easy
   classes and drops hard ones, so this shows how far the unlabeled loss re-weights the classes.
+- `propagated_coverage`, `propagated_accuracy`: for a method that keeps pixels beyond its own confident set
+  (CorrMatch's region propagation, Eq. 10: M = F united with the accepted regions) and says which in
+  `PseudoLabels.extra["confident"]` (F), the kept pixels outside F, as a share of the valid pixels, and
+  their accuracy: what the propagation adds to the training signal, and whether it is right. Per class: by
+  pseudo-label class, among valid pixels of that class. NaN where no tile gave F (every other method).
 
 Region metrics, RegionMatch Fig. 1 (IJCAI 2025): "Region labels are derived from pixel predictions, with the
 true category defined as the ground truth of the dominant pixel. Based on this, the region accuracy is
@@ -50,7 +55,9 @@ import numpy as np
 from s4seg.config import IGNORE_INDEX
 
 PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio", "kept_share",
-                 "class_bias")
+                 "class_bias", "propagated_coverage", "propagated_accuracy")
+# `PseudoLabels.extra` layer (dump: `extra/confident`) of a method's selection before it expanded it
+CONFIDENT_LAYER = "confident"
 REGION_METRICS = ("region_accuracy", "region_consistency", "regions")
 METRICS = PIXEL_METRICS + REGION_METRICS
 
@@ -66,13 +73,17 @@ class PseudoQuality:
         self.correct = np.zeros(k, np.int64)  # pseudo == gt == c
         self.kept_correct = np.zeros(k, np.int64)
         self.gt_valid = np.zeros(k, np.int64)  # indexed by the ground-truth class
+        # Kept beyond the method's confident set, on tiles that gave one (`confident` in `update`).
+        self.base_valid = np.zeros(k, np.int64)  # valid pixels of those tiles
+        self.added = np.zeros(k, np.int64)  # keep & ~confident
+        self.added_correct = np.zeros(k, np.int64)
         # Region counts, indexed by the region's class.
         self.regions = np.zeros(k, np.int64)
         self.regions_correct = np.zeros(k, np.int64)
         self.consistency_sum = np.zeros(k, np.float64)
 
-    COUNTS = ("valid", "kept", "correct", "kept_correct", "gt_valid", "regions", "regions_correct",
-              "consistency_sum")
+    COUNTS = ("valid", "kept", "correct", "kept_correct", "gt_valid", "base_valid", "added", "added_correct",
+              "regions", "regions_correct", "consistency_sum")
 
     def counts(self) -> dict[str, np.ndarray]:
         """Every count array, by name (what `from_counts` rebuilds the accumulator from)."""
@@ -86,12 +97,13 @@ class PseudoQuality:
         return quality
 
     def update(self, pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, regions: np.ndarray | None = None,
-               region_class: np.ndarray | None = None) -> None:
+               region_class: np.ndarray | None = None, confident: np.ndarray | None = None) -> None:
         """Add one tile (H, W) or a batch (B, H, W).
 
         `regions` uses the dump's convention (ids 1..n per tile, 0 = none); `region_class` (n,) gives each
         region's class for a single tile (default: majority pseudo-label of the region). For a batch, ids are
-        taken per tile and `region_class` must be None.
+        taken per tile and `region_class` must be None. `confident`: the method's selection before it
+        expanded it (`PseudoLabels.extra["confident"]`), for the `propagated_*` metrics.
         """
         k = self.num_classes
         pseudo = np.asarray(pseudo).astype(np.int64, copy=False)
@@ -109,6 +121,14 @@ class PseudoQuality:
         self.correct += np.bincount(p[ok], minlength=k)[:k]
         self.kept_correct += np.bincount(p[ok & kv], minlength=k)[:k]
         self.gt_valid += np.bincount(g, minlength=k)
+        if confident is not None:
+            confident = np.asarray(confident).astype(bool, copy=False)
+            if confident.shape != gt.shape:
+                raise ValueError(f"confident shape {confident.shape} differs from gt shape {gt.shape}")
+            added = kv & ~confident[valid]
+            self.base_valid += np.bincount(p, minlength=k)[:k]
+            self.added += np.bincount(p[added], minlength=k)[:k]
+            self.added_correct += np.bincount(p[added & ok], minlength=k)[:k]
         if regions is None:
             return
         regions = np.asarray(regions)
@@ -158,6 +178,8 @@ class PseudoQuality:
             "effective_ratio": _ratio(self.kept_correct.sum(), self.valid.sum()),
             "kept_share": _ratio(self.kept.sum(), self.kept.sum()),
             "class_bias": float(np.abs(self._class_bias()).sum() / 2),
+            "propagated_coverage": _ratio(self.added.sum(), self.base_valid.sum()),
+            "propagated_accuracy": _ratio(self.added_correct.sum(), self.added.sum()),
             "region_accuracy": _ratio(self.regions_correct.sum(), self.regions.sum()),
             "region_consistency": _ratio(self.consistency_sum.sum(), self.regions.sum()),
             "regions": float(self.regions.sum()),
@@ -173,6 +195,8 @@ class PseudoQuality:
             "effective_ratio": _ratio(self.kept_correct, self.gt_valid),
             "kept_share": _ratio(self.kept, self.kept.sum()),
             "class_bias": self._class_bias(),
+            "propagated_coverage": _ratio(self.added, self.base_valid),
+            "propagated_accuracy": _ratio(self.added_correct, self.added),
             "region_accuracy": _ratio(self.regions_correct, self.regions),
             "region_consistency": _ratio(self.consistency_sum, self.regions),
             "regions": self.regions.astype(np.float64),

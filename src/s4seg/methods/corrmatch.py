@@ -83,6 +83,7 @@ from s4seg import timing
 from s4seg.data.augment import cutmix
 from s4seg.engine.method import Batch, Method, MethodConfig, PseudoLabels, StepOutput, register_method
 from s4seg.errors import ParamsError
+from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER
 from s4seg.methods.losses import (
     Targets,
     bn_stats_frozen,
@@ -434,7 +435,7 @@ class CorrMatch(Method):
             masks = region_masks(rows, tuple(logits.shape[-2:])) & allowed[:, None]
             out = propagate_regions(masks, weak.label, weak.keep, tau, self.num_classes)
         prob = logits.detach().float().softmax(dim=1)
-        extra = {"confident": weak.keep, "expanded": out.expanded,
+        extra = {CONFIDENT_LAYER: weak.keep, "expanded": out.expanded,
                  "tau": torch.full((len(logits),), tau, device=logits.device)}
         propagated = PseudoLabels(label=out.label, conf=prob.gather(1, out.label[:, None]).squeeze(1),
                                   keep=out.expanded, regions=out.regions, extra=extra)

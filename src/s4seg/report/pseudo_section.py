@@ -33,6 +33,8 @@ LABELS = {
     "effective_ratio": "effective ratio",
     "kept_share": "share of the kept pixels",
     "class_bias": "class mix gap (kept vs ground truth)",
+    "propagated_coverage": "coverage added by propagation",
+    "propagated_accuracy": "accuracy of what propagation added",
     "region_accuracy": "region accuracy",
     "region_consistency": "region consistency",
     "regions": "regions",
@@ -61,6 +63,7 @@ def _overall(ctx: ReportContext) -> pd.DataFrame | None:
     # kept_share is 1 overall by definition: a per-class metric only (the figure)
     rows = rows.reindex(index=[m for m in METRICS if m in rows.index and m != "kept_share"],
                         columns=[m for m in MODELS if m in rows.columns])
+    rows = rows.dropna(how="all")  # e.g. propagated_* of a method that does not expand its selection
     if rows.empty:
         return None
     if set(MODELS) <= set(rows.columns):
@@ -84,7 +87,9 @@ def pseudo_quality(ctx: ReportContext) -> Section | None:
         "/ all valid pixels (CorrMatch Sec. 4.4); region accuracy and consistency follow RegionMatch Fig. 1 "
         "on the connected components of each pseudo-label. The class mix gap is how far the classes of the "
         "selected pixels (what the unlabeled loss trains on) are from the ground truth's mix: half the sum "
-        "of the per-class differences of shares (0: the same mix).")]
+        "of the per-class differences of shares (0: the same mix). For a method that expands its confident "
+        "pixels (CorrMatch's region propagation), the rows on propagation give the share of valid pixels it "
+        "adds and their accuracy.")]
     percent = rows.drop(index="regions", errors="ignore") * 100
     blocks.append(Table(percent.rename(index=LABELS).rename_axis("metric (%)"), float_format="{:.1f}"))
     if "regions" in rows.index:
