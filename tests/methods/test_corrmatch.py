@@ -499,8 +499,11 @@ def test_two_steps_through_fit_reload_dump_and_bit_identical_resume(store: Any, 
         assert loaded.predict(torch.rand(1, 3, 33, 47)).shape == (1, len(h.CLASSES), 33, 47)
         pseudo = loaded.pseudo_labels(torch.rand(2, 3, TILE, TILE))
     assert pseudo.regions.shape == (2, TILE, TILE)
-    write_dump(loaded, store, [3, 4, 5], tmp_path / "pseudo.zarr", batch_size=2, device="cpu", progress=False)
+    quality = write_dump(loaded, store, [3, 4, 5], tmp_path / "pseudo.zarr", batch_size=2, device="cpu",
+                         progress=False)
     group = zarr.open_group(str(tmp_path / "pseudo.zarr"), mode="r")
+    added = group["keep"][:] & ~group["extra/confident"][:] & (group["gt"][:] != 255)
+    assert quality.metrics()["propagated_coverage"] == pytest.approx(added.sum() / (group["gt"][:] != 255).sum())
     assert group.attrs["regions"] == "method"
     assert {"extra/confident", "extra/expanded", "extra/tau"} <= set(group.attrs["layers"])
     assert group["extra/tau"][:].tolist() == pytest.approx([loaded.tau.item()] * 3)
