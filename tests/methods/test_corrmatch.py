@@ -429,6 +429,12 @@ def test_pseudo_labels_for_the_dump() -> None:
     method.eval()
     prob = method.predict(batch.u_w).softmax(dim=1)
     assert torch.allclose(first.conf, prob.gather(1, first.label[:, None])[:, 0])  # conf of the stored label
+    assert torch.equal(first.extra["confident"], prob.amax(dim=1) >= 0.3)  # F: conf >= tau, before propagation
+    # at tau 0.35 F is part of the image and accepted regions add pixels to it: `confident` stays F, not M
+    partial = make(tau_init=0.35, dynamic_tau=False)
+    pseudo = partial.pseudo_labels(batch.u_w)
+    assert torch.equal(pseudo.extra["confident"], partial.predict(batch.u_w).softmax(dim=1).amax(dim=1) >= 0.35)
+    assert (pseudo.keep & ~pseudo.extra["confident"]).any()
 
 
 def test_predict_is_the_plain_segmentation_output() -> None:
