@@ -224,6 +224,7 @@ class _DumpWriter:
             raise ValueError(f"PseudoLabels.extra keys changed between batches: {sorted(self.extra_names)} "
                              f"then {sorted(names)}")
         regions = np.empty(b.pseudo.shape, np.int32)
+        confident = b.extra.get(CONFIDENT_LAYER)  # the method's selection before it expanded it, if any
         for i in range(len(b.tile_ids)):
             if has_regions:
                 regions[i] = relabel_regions(b.regions[i], self.min_region_pixels)
@@ -233,7 +234,6 @@ class _DumpWriter:
             row = b.rows.start + i
             self.tables.append((row, table))
             self.region_counts[row] = len(table)
-            confident = b.extra.get(CONFIDENT_LAYER)
             self.quality.update(b.pseudo[i], b.keep[i], b.gt[i], regions[i], table.cls,
                                 None if confident is None else confident[i])
         self.tile_id[b.rows] = b.tile_ids
