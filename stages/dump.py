@@ -11,6 +11,9 @@ Outputs (each written atomically):
   effective_ratio, kept_share, class_bias, propagated_coverage, propagated_accuracy, region_accuracy,
   region_consistency, regions). NaN is written as null.
 - `--table` Parquet, long: (model, class, metric, value), per class and class "all".
+- `--curve` (optional) CSV for `dvc plots`: accuracy against coverage of both models' pseudo-labels as a
+  confidence threshold sweeps (s4seg.evaluation.pseudo_quality: `curve`), columns `threshold, coverage,
+  accuracy` (the student) and `warmup_coverage, warmup_accuracy`; a row per threshold where either changes.
 
 The warmup model is scored on the same tiles with the trained method's fixed confidence threshold when the
 method has one (`conf_thresh`), else keeping every pixel (`s4seg.evaluation.dump.warmup_threshold`); the
@@ -38,13 +41,24 @@ from s4seg.engine.checkpoint import code_hash, file_hash
 from s4seg.engine.method import Method
 from s4seg.errors import DataError
 from s4seg.evaluation.dump import cached_quality, measure_quality, params_hash, warmup_threshold, write_dump
-from s4seg.evaluation.pseudo_quality import flat_metrics
+from s4seg.evaluation.pseudo_quality import PseudoQuality, flat_metrics
 from s4seg.io import atomic_path, write_text_atomic
 from s4seg.runtime import make_runtime
 
 log = logging.getLogger("s4seg.stages.dump")
 
 TABLE_COLUMNS = ("model", "class", "metric", "value")
+CURVE_COLUMNS = ("threshold", "coverage", "accuracy", "warmup_coverage", "warmup_accuracy")
+
+
+def curve_frame(student: PseudoQuality, warmup: PseudoQuality) -> pd.DataFrame:
+    """Both models' accuracy-coverage curves on the shared threshold grid; rows where neither changes (no pixel
+    in that confidence bin) are dropped, so every row is a distinct operating point of one model at least."""
+    s, w = student.curve(), warmup.curve()
+    frame = pd.DataFrame({"threshold": s["threshold"], "coverage": s["coverage"], "accuracy": s["accuracy"],
+                          "warmup_coverage": w["coverage"], "warmup_accuracy": w["accuracy"]})
+    changes = (student.conf_valid > 0) | (warmup.conf_valid > 0)
+    return frame[changes].reset_index(drop=True)
 
 
 def run_dump(
@@ -61,6 +75,7 @@ def run_dump(
     model_path: str | Path = "",
     warmup_path: str | Path | None = None,
     cache: str | Path | None = None,
+    curve: str | Path | None = None,
     progress: bool | None = None,
 ) -> dict[str, float | None]:
     """Dump the student's pseudo-labels, score them and the warmup model's; write the three outputs."""
@@ -97,6 +112,9 @@ def run_dump(
     frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     with atomic_path(table) as tmp:
         frame.to_parquet(tmp, index=False)
+    if curve is not None:
+        with atomic_path(curve) as tmp:
+            curve_frame(student_q, warmup_q).to_csv(tmp, index=False, float_format="%.6g")
     write_text_atomic(metrics, json.dumps(flat, indent=2) + "\n")
     log.info("pseudo-labels of %d tiles: accuracy %.3f (warmup %.3f), coverage %.3f (warmup %.3f)",
              len(unlabeled), *(flat.get(k) or float("nan") for k in
@@ -114,6 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="dumps/pseudo.zarr")
     p.add_argument("--metrics", required=True, help="metrics/pseudo.json")
     p.add_argument("--table", required=True, help="metrics/pseudo.parquet")
+    p.add_argument("--curve", help="metrics/pseudo_curve.csv: accuracy against coverage as the threshold sweeps")
     p.add_argument("--cache", help="folder for results that depend on the warmup model only (reused across "
                                    "experiments; .s4seg-cache); none: recompute them every time")
     return p.parse_args(argv)
@@ -129,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     student_info = {k: v for k, v in read_model_file(args.model).items() if k != "state_dict"}
     run_dump(params.dump, store, split.unlabeled, load_method(args.model), student_info, load_method(args.warmup),
              out=args.out, metrics=args.metrics, table=args.table, model_path=args.model, warmup_path=args.warmup,
-             cache=args.cache)
+             cache=args.cache, curve=args.curve)
 
 
 if __name__ == "__main__":

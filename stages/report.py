@@ -3,8 +3,8 @@
     python stages/report.py --params params.yaml --table metrics/eval.parquet --summary metrics/summary.json \
         --warmup-log logs/warmup.csv --train-log logs/train.csv --tiles data/tiles.zarr \
         --split data/split.parquet --predictions metrics/predictions.zarr --pseudo metrics/pseudo.parquet \
-        --pseudo-summary metrics/pseudo.json --dump dumps/pseudo.zarr --snapshots dumps/snapshots.zarr \
-        --out reports
+        --pseudo-summary metrics/pseudo.json --pseudo-curve metrics/pseudo_curve.csv --dump dumps/pseudo.zarr \
+        --snapshots dumps/snapshots.zarr --out reports
 
 Every input is optional: a missing file leaves out the sections that need it (listed at the end of
 the report). No torch is imported.
@@ -26,7 +26,7 @@ from s4seg.errors import ParamsError
 from s4seg.report import ReportInputs, build_report
 
 INPUTS = ("table", "summary", "warmup_log", "train_log", "tiles", "split", "predictions", "pseudo",
-          "pseudo_summary", "dump", "snapshots")
+          "pseudo_summary", "pseudo_curve", "dump", "snapshots")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -122,8 +122,11 @@ def test_dump_layout_with_plain_zarr(store: TileStore, tmp_path: Path) -> None:
 
     # the returned quality counts equal counts taken from the stored arrays
     direct = PseudoQuality(K)
-    direct.update(g["pseudo"][:], g["keep"][:], g["gt"][:], g["regions"][:])
+    direct.update(g["pseudo"][:], g["keep"][:], g["gt"][:], g["regions"][:], conf=g["conf"][:])
     assert quality.metrics() == pytest.approx(direct.metrics(), nan_ok=True)
+    # the curve is taken from the confidences as stored (float16), so the dump reproduces it exactly
+    assert np.array_equal(quality.conf_valid, direct.conf_valid)
+    assert np.array_equal(quality.conf_correct, direct.conf_correct)
 
 
 def test_extra_layers_and_method_regions(store: TileStore, tmp_path: Path) -> None:

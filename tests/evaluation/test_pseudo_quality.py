@@ -227,3 +227,53 @@ def test_table_rows_and_errors() -> None:
         q.update(np.zeros((2, 2), int), np.zeros((2, 3), bool), np.zeros((2, 2), np.uint8))
     with pytest.raises(ValueError, match="class ids >= num_classes"):
         q.update(np.zeros((1, 1), int), np.zeros((1, 1), bool), np.full((1, 1), 7, np.uint8))
+
+
+def test_curve_matches_a_brute_force_threshold_sweep() -> None:
+    rng = np.random.default_rng(3)
+    k = 3
+    gt = rng.integers(0, k, (2, 12, 10)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.15] = IGN
+    pseudo = np.where(rng.random(gt.shape) < 0.7, np.where(gt == IGN, 0, gt), rng.integers(0, k, gt.shape))
+    conf = rng.random(gt.shape)
+    # values exactly on the grid must count as >= that threshold; values outside [0, 1] in the end bins
+    conf.flat[:6] = [0.0, 0.95, 0.999, 1.0, -0.2, 1.3]
+    q = PseudoQuality(k)
+    q.update(pseudo, np.ones(gt.shape, bool), gt, conf=conf)
+    curve = q.curve()
+    valid = gt != IGN
+    clipped = np.clip(conf, 0.0, 1.0)
+    for index in (0, 1, 333, 500, 950, 998, 999):
+        t = index / 1000
+        assert curve["threshold"][index] == t
+        above = valid & (clipped >= t)
+        assert curve["coverage"][index] == pytest.approx(above.sum() / valid.sum(), abs=1e-15)
+        expected = (pseudo[above] == gt[above]).mean() if above.any() else math.nan
+        assert _close(curve["accuracy"][index], expected), (t, curve["accuracy"][index], expected)
+
+
+def test_threshold_coverage_of_a_hand_made_propagation() -> None:
+    # five pixels, by decreasing confidence; right, right, wrong, right, right
+    gt = np.array([[0, 0, 0, 0, 0]], np.uint8)
+    pseudo = np.array([[0, 0, 1, 0, 0]])
+    conf = np.array([[0.95, 0.9, 0.8, 0.7, 0.6]])
+    # a selection that adds the least confident (right) pixel to the two most confident: 3/5 at accuracy 1.
+    # Thresholds: 1/5 at 1, 2/5 at 1, 3/5 at 2/3, 4/5 at 3/4, 5/5 at 4/5; accuracy 1 is reached up to 2/5.
+    q = PseudoQuality(2)
+    q.update(pseudo, np.array([[True, True, False, False, True]]), gt, conf=conf)
+    assert q.metrics()["coverage"] == pytest.approx(0.6)
+    assert q.metrics()["threshold_coverage"] == pytest.approx(0.4)
+    # a plain threshold at 0.9 sits on the curve: 2/5 at 1
+    plain = PseudoQuality(2)
+    plain.update(pseudo, conf >= 0.9, gt, conf=conf)
+    assert plain.metrics()["threshold_coverage"] == pytest.approx(plain.metrics()["coverage"]) == pytest.approx(0.4)
+    # at 0.7 (4/5 at 3/4) a lower threshold is both larger and more accurate (5/5 at 4/5): the curve says so
+    lower = PseudoQuality(2)
+    lower.update(pseudo, conf >= 0.7, gt, conf=conf)
+    assert lower.metrics()["coverage"] == pytest.approx(0.8)
+    assert lower.metrics()["threshold_coverage"] == pytest.approx(1.0)
+    # without confidences there is no curve
+    blind = PseudoQuality(2)
+    blind.update(pseudo, conf >= 0.7, gt)
+    assert math.isnan(blind.metrics()["threshold_coverage"])
+    assert np.isnan(blind.curve()["accuracy"]).all()

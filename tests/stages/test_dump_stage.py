@@ -70,8 +70,9 @@ def test_run_dump_writes_dump_metrics_table_and_report_sections(tmp_path: Path) 
     out, metrics, table = tmp_path / "dumps/pseudo.zarr", tmp_path / "metrics/pseudo.json", tmp_path / "p.parquet"
     # fp32: the coverage is checked below against an fp32 forward pass, at a threshold bf16 rounding can cross
     cfg = DumpConfig(batch_size=3, device="cpu", precision="fp32")
+    curve = tmp_path / "metrics/pseudo_curve.csv"
     flat = stage.run_dump(cfg, store, [1, 2, 3], Thresholded(0), info, Thresholded(1), out=out, metrics=metrics,
-                          table=table, model_path="models/student.pt", progress=False)
+                          table=table, model_path="models/student.pt", curve=curve, progress=False)
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["method"] == "thresholded" and g.attrs["iteration"] == 12
     assert g.attrs["warmup_selection"] == "conf >= 0.6" and len(g.attrs["params_hash"]) == 16
@@ -94,19 +95,31 @@ def test_run_dump_writes_dump_metrics_table_and_report_sections(tmp_path: Path) 
     assert set(frame["model"]) == {"student", "warmup"} and set(frame["class"]) == {"a", "b", "all"}
     overall = frame[(frame["class"] == "all") & (frame["model"] == "student")].set_index("metric")["value"]
     assert overall["coverage"] == pytest.approx(on_disk["student.coverage"])
+    # the curve: the student keeps conf >= 0.5, so its row at threshold 0.5 is its own coverage and accuracy
+    # (up to a pixel, 1/360: the curve reads the confidences as dumped, in float16); the warmup's row at 0.6 is
+    # its scored selection
+    sweep = pd.read_csv(curve)
+    assert list(sweep.columns) == ["threshold", "coverage", "accuracy", "warmup_coverage", "warmup_accuracy"]
+    assert (np.diff(sweep["threshold"]) > 0).all() and (np.diff(sweep["coverage"]) <= 0).all()
+    at = sweep.set_index("threshold")
+    assert at.loc[0.5, "coverage"] == pytest.approx(on_disk["student.coverage"], abs=3e-3)
+    assert at.loc[0.5, "accuracy"] == pytest.approx(on_disk["student.accuracy"], abs=3e-3)
+    assert at.loc[0.6, "warmup_coverage"] == pytest.approx(on_disk["warmup.coverage"], abs=1e-6)
+    assert on_disk["student.threshold_coverage"] >= on_disk["student.coverage"] - 3e-3
 
     # the report sections render from these artifacts (+ snapshots of the train stage)
     snapshots = tmp_path / "snapshots.zarr"
     with SnapshotWriter(snapshots, store, [1, 3]) as writer:
         for step in (0, 5, 10):
             writer.add(step, Thresholded(step).pseudo_labels(torch.from_numpy(writer.images())))
-    inputs = ReportInputs(pseudo=table, pseudo_summary=metrics, dump=out, snapshots=snapshots, tiles=store.path)
+    inputs = ReportInputs(pseudo=table, pseudo_summary=metrics, pseudo_curve=curve, dump=out, snapshots=snapshots,
+                          tiles=store.path)
     markdown, figures = pseudo_section(inputs, tmp_path / "figures")
     assert "## Pseudo-label quality" in markdown and "## Pseudo-labels during training" in markdown
     assert f"| coverage | {100 * on_disk['warmup.coverage']:.1f} | {100 * on_disk['student.coverage']:.1f} |" \
         in markdown
     assert all(p.is_file() for p in figures)
-    assert {p.name for p in figures} >= {"pseudo_per_class.png", "pseudo_snapshots_curve.png",
+    assert {p.name for p in figures} >= {"pseudo_per_class.png", "pseudo_curve.png", "pseudo_snapshots_curve.png",
                                          "pseudo_snapshots_strip.png", "pseudo_tile_1.png"}
 
 

@@ -225,6 +225,7 @@ class _DumpWriter:
                              f"then {sorted(names)}")
         regions = np.empty(b.pseudo.shape, np.int32)
         confident = b.extra.get(CONFIDENT_LAYER)  # the method's selection before it expanded it, if any
+        conf = b.conf.astype(np.float16)  # as stored: the curve recomputed from the dump is the same
         for i in range(len(b.tile_ids)):
             if has_regions:
                 regions[i] = relabel_regions(b.regions[i], self.min_region_pixels)
@@ -235,10 +236,10 @@ class _DumpWriter:
             self.tables.append((row, table))
             self.region_counts[row] = len(table)
             self.quality.update(b.pseudo[i], b.keep[i], b.gt[i], regions[i], table.cls,
-                                None if confident is None else confident[i])
+                                None if confident is None else confident[i], conf[i])
         self.tile_id[b.rows] = b.tile_ids
         self.pseudo[b.rows] = b.pseudo
-        self.conf[b.rows] = b.conf.astype(np.float16)
+        self.conf[b.rows] = conf
         self.keep[b.rows] = b.keep
         self.regions[b.rows] = regions
         self.gt[b.rows] = b.gt
@@ -337,7 +338,7 @@ def measure_quality(
         keep = b.keep if threshold is None else b.conf >= threshold
         for i in range(len(b.tile_ids)):
             regions = pseudo_regions(b.pseudo[i], min_region_pixels=min_region_pixels)
-            quality.update(b.pseudo[i], keep[i], b.gt[i], regions)
+            quality.update(b.pseudo[i], keep[i], b.gt[i], regions, conf=b.conf[i])
     return quality
 
 

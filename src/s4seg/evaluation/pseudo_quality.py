@@ -28,6 +28,17 @@ Pixel metrics (overall, and per class c):
   `PseudoLabels.extra["confident"]` (F), the kept pixels outside F, as a share of the valid pixels, and
   their accuracy: what the propagation adds to the training signal, and whether it is right. Per class: by
   pseudo-label class, among valid pixels of that class. NaN where no tile gave F (every other method).
+- `threshold_coverage` (overall only): the coverage that a plain confidence threshold on the same pseudo-labels
+  reaches at the accuracy of the method's own selection, i.e. the largest share of valid pixels whose most
+  confident part is at least `accuracy` right (thresholds on a grid of 1/CURVE_BINS). A method whose
+  selection is a confidence threshold gets `threshold_coverage` >= `coverage` (equal unless a lower threshold
+  is as accurate); one that keeps more than any threshold does at its accuracy (`coverage` >
+  `threshold_coverage`) mines pixels that confidence alone does not find. NaN without confidences.
+
+Accuracy against coverage as the threshold sweeps (`curve()`): the pixels with confidence >= t, for t on the
+grid k / CURVE_BINS, k = 0..CURVE_BINS-1: their share of the valid pixels and their accuracy. It compares the
+pseudo-labels of two models at equal coverage or equal accuracy, whatever their selection rules. Confidences
+outside [0, 1] count in the first or last bin.
 
 Region metrics, RegionMatch Fig. 1 (IJCAI 2025): "Region labels are derived from pixel predictions, with the
 true category defined as the ground truth of the dominant pixel. Based on this, the region accuracy is
@@ -55,10 +66,11 @@ import numpy as np
 from s4seg.config import IGNORE_INDEX
 
 PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio", "kept_share",
-                 "class_bias", "propagated_coverage", "propagated_accuracy")
+                 "class_bias", "propagated_coverage", "propagated_accuracy", "threshold_coverage")
 # `PseudoLabels.extra` layer (dump: `extra/confident`) of a method's selection before it expanded it
 CONFIDENT_LAYER = "confident"
 REGION_METRICS = ("region_accuracy", "region_consistency", "regions")
+CURVE_BINS = 1000  # confidence grid of `curve()` and `threshold_coverage`
 METRICS = PIXEL_METRICS + REGION_METRICS
 
 
@@ -77,13 +89,16 @@ class PseudoQuality:
         self.base_valid = np.zeros(k, np.int64)  # valid pixels of those tiles
         self.added = np.zeros(k, np.int64)  # keep & ~confident
         self.added_correct = np.zeros(k, np.int64)
+        # Valid pixels (and the correct ones among them) by confidence bin [k, k + 1) / CURVE_BINS.
+        self.conf_valid = np.zeros(CURVE_BINS, np.int64)
+        self.conf_correct = np.zeros(CURVE_BINS, np.int64)
         # Region counts, indexed by the region's class.
         self.regions = np.zeros(k, np.int64)
         self.regions_correct = np.zeros(k, np.int64)
         self.consistency_sum = np.zeros(k, np.float64)
 
     COUNTS = ("valid", "kept", "correct", "kept_correct", "gt_valid", "base_valid", "added", "added_correct",
-              "regions", "regions_correct", "consistency_sum")
+              "regions", "regions_correct", "consistency_sum", "conf_valid", "conf_correct")
 
     def counts(self) -> dict[str, np.ndarray]:
         """Every count array, by name (what `from_counts` rebuilds the accumulator from)."""
@@ -97,13 +112,15 @@ class PseudoQuality:
         return quality
 
     def update(self, pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, regions: np.ndarray | None = None,
-               region_class: np.ndarray | None = None, confident: np.ndarray | None = None) -> None:
+               region_class: np.ndarray | None = None, confident: np.ndarray | None = None,
+               conf: np.ndarray | None = None) -> None:
         """Add one tile (H, W) or a batch (B, H, W).
 
         `regions` uses the dump's convention (ids 1..n per tile, 0 = none); `region_class` (n,) gives each
         region's class for a single tile (default: majority pseudo-label of the region). For a batch, ids are
         taken per tile and `region_class` must be None. `confident`: the method's selection before it
-        expanded it (`PseudoLabels.extra["confident"]`), for the `propagated_*` metrics.
+        expanded it (`PseudoLabels.extra["confident"]`), for the `propagated_*` metrics. `conf`: each pixel's
+        confidence, for `curve()` and `threshold_coverage`.
         """
         k = self.num_classes
         pseudo = np.asarray(pseudo).astype(np.int64, copy=False)
@@ -129,6 +146,13 @@ class PseudoQuality:
             self.base_valid += np.bincount(p, minlength=k)[:k]
             self.added += np.bincount(p[added], minlength=k)[:k]
             self.added_correct += np.bincount(p[added & ok], minlength=k)[:k]
+        if conf is not None:
+            conf = np.asarray(conf)
+            if conf.shape != gt.shape:
+                raise ValueError(f"conf shape {conf.shape} differs from gt shape {gt.shape}")
+            bins = confidence_bins(conf[valid])
+            self.conf_valid += np.bincount(bins, minlength=CURVE_BINS)
+            self.conf_correct += np.bincount(bins[ok], minlength=CURVE_BINS)
         if regions is None:
             return
         regions = np.asarray(regions)
@@ -180,6 +204,7 @@ class PseudoQuality:
             "class_bias": float(np.abs(self._class_bias()).sum() / 2),
             "propagated_coverage": _ratio(self.added.sum(), self.base_valid.sum()),
             "propagated_accuracy": _ratio(self.added_correct.sum(), self.added.sum()),
+            "threshold_coverage": self._threshold_coverage(),
             "region_accuracy": _ratio(self.regions_correct.sum(), self.regions.sum()),
             "region_consistency": _ratio(self.consistency_sum.sum(), self.regions.sum()),
             "regions": float(self.regions.sum()),
@@ -197,10 +222,29 @@ class PseudoQuality:
             "class_bias": self._class_bias(),
             "propagated_coverage": _ratio(self.added, self.base_valid),
             "propagated_accuracy": _ratio(self.added_correct, self.added),
+            "threshold_coverage": np.full(self.num_classes, np.nan),  # overall only
             "region_accuracy": _ratio(self.regions_correct, self.regions),
             "region_consistency": _ratio(self.consistency_sum, self.regions),
             "regions": self.regions.astype(np.float64),
         }
+
+    def curve(self) -> dict[str, np.ndarray]:
+        """`threshold`, `coverage`, `accuracy` (CURVE_BINS,) each: the valid pixels with confidence >= threshold
+        (as a share of the valid pixels with a confidence) and their accuracy; NaN where none is that confident."""
+        above = np.cumsum(self.conf_valid[::-1])[::-1]  # pixels with confidence >= k / CURVE_BINS
+        above_correct = np.cumsum(self.conf_correct[::-1])[::-1]
+        return {"threshold": np.arange(CURVE_BINS) / CURVE_BINS,
+                "coverage": _ratio(above, self.conf_valid.sum()),
+                "accuracy": _ratio(above_correct, above)}
+
+    def _threshold_coverage(self) -> float:
+        accuracy = _ratio(self.kept_correct.sum(), self.kept.sum())
+        if self.conf_valid.sum() == 0 or np.isnan(accuracy):
+            return float("nan")
+        curve = self.curve()
+        # the own accuracy is a ratio of integers; a tolerance keeps a threshold method on its own curve
+        reached = curve["coverage"][curve["accuracy"] >= accuracy - 1e-12]
+        return float(reached.max()) if len(reached) else 0.0
 
     def _class_bias(self) -> np.ndarray:
         """(K,) kept share minus ground-truth share per class; NaN when nothing is kept or judged."""
@@ -232,6 +276,13 @@ def flat_metrics(qualities: dict[str, PseudoQuality], gain: tuple[str, str] | No
         a, b = (values[n] for n in gain)
         out.update({f"gain.{m}": a[m] - b[m] for m in METRICS})
     return {k: (None if v is None or np.isnan(v) else float(v)) for k, v in out.items()}
+
+
+def confidence_bins(conf: np.ndarray) -> np.ndarray:
+    """Bin index k of each confidence, such that conf >= k / CURVE_BINS holds exactly (float64 edges)."""
+    edges = np.arange(CURVE_BINS, dtype=np.float64) / CURVE_BINS
+    bins = np.searchsorted(edges, np.asarray(conf, dtype=np.float64).reshape(-1), side="right") - 1
+    return np.clip(bins, 0, CURVE_BINS - 1)
 
 
 def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray | float:

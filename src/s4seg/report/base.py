@@ -57,6 +57,7 @@ class ReportInputs:
     predictions: Path | None = None  # metrics/predictions.zarr
     pseudo: Path | None = None  # metrics/pseudo.parquet
     pseudo_summary: Path | None = None  # metrics/pseudo.json
+    pseudo_curve: Path | None = None  # metrics/pseudo_curve.csv
     dump: Path | None = None  # dumps/pseudo.zarr
     snapshots: Path | None = None  # dumps/snapshots.zarr
     baseline: Path | None = None  # report.baseline: a baseline file (s4seg.report.baseline), e.g. supervised

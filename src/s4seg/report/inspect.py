@@ -83,7 +83,8 @@ def _row_of(dump: zarr.Group, tile_id: int, path: str | Path) -> int:
 
 
 def dump_quality(path: str | Path, batch: int = 64) -> PseudoQuality:
-    """Quality counts of a whole dump, recomputed from its arrays (pseudo, keep, gt, regions, extra/confident)."""
+    """Quality counts of a whole dump, recomputed from its arrays (pseudo, conf, keep, gt, regions,
+    extra/confident)."""
     group = open_dump(path)
     quality = PseudoQuality(len(group.attrs["classes"]))
     offsets = np.asarray(group["region_offsets"][:])
@@ -95,10 +96,11 @@ def dump_quality(path: str | Path, batch: int = 64) -> PseudoQuality:
         sl = slice(start, min(start + batch, n))
         pseudo, keep = np.asarray(group["pseudo"][sl]), np.asarray(group["keep"][sl])
         gt, regions = np.asarray(group["gt"][sl]), np.asarray(group["regions"][sl])
+        conf = np.asarray(group["conf"][sl])
         confident = np.asarray(group[confident_path][sl]) if has_confident else None
         for i, row in enumerate(range(sl.start, sl.stop)):
             quality.update(pseudo[i], keep[i], gt[i], regions[i], region_class[offsets[row] : offsets[row + 1]],
-                           None if confident is None else confident[i])
+                           None if confident is None else confident[i], conf[i])
     return quality
 
 

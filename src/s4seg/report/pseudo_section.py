@@ -2,7 +2,9 @@
 
 - "Pseudo-label quality" reads `metrics/pseudo.json` and `metrics/pseudo.parquet` (written by the dump stage)
   and shows the trained method's pseudo-labels next to the warmup model's: a table of the overall metrics
-  with the gain, a per-class figure, and a few unlabeled tiles rendered like `s4seg inspect`.
+  with the gain, a per-class figure, accuracy against coverage as a confidence threshold sweeps
+  (`metrics/pseudo_curve.csv`) with each model's own selection on it, and a few unlabeled tiles rendered like
+  `s4seg inspect`.
 - "Pseudo-labels during training" reads `dumps/snapshots.zarr` (written by the train stage): coverage and
   accuracy vs iteration, and one tile's pseudo-label over time.
 
@@ -35,6 +37,7 @@ LABELS = {
     "class_bias": "class mix gap (kept vs ground truth)",
     "propagated_coverage": "coverage added by propagation",
     "propagated_accuracy": "accuracy of what propagation added",
+    "threshold_coverage": "coverage of a threshold at equal accuracy",
     "region_accuracy": "region accuracy",
     "region_consistency": "region consistency",
     "regions": "regions",
@@ -89,7 +92,9 @@ def pseudo_quality(ctx: ReportContext) -> Section | None:
         "selected pixels (what the unlabeled loss trains on) are from the ground truth's mix: half the sum "
         "of the per-class differences of shares (0: the same mix). For a method that expands its confident "
         "pixels (CorrMatch's region propagation), the rows on propagation give the share of valid pixels it "
-        "adds and their accuracy.")]
+        "adds and their accuracy. The coverage of a threshold at equal accuracy is the share of valid pixels "
+        "that a plain confidence threshold on the same pseudo-labels keeps at the accuracy of the selection: "
+        "a selection that keeps more than that finds pixels that confidence alone does not.")]
     percent = rows.drop(index="regions", errors="ignore") * 100
     blocks.append(Table(percent.rename(index=LABELS).rename_axis("metric (%)"), float_format="{:.1f}"))
     if "regions" in rows.index:
@@ -100,8 +105,38 @@ def pseudo_quality(ctx: ReportContext) -> Section | None:
         blocks.append(Image(figure, "Per class: accuracy of the selected pseudo-labels, coverage (classes by "
                                     "pseudo-label) and the class mix of the selected pixels against the ground "
                                     "truth's"))
+    curve = _curve_figure(ctx, rows)
+    if curve is not None:
+        blocks.append(Image(curve, "Accuracy of the pseudo-labels with confidence >= t against their share of the "
+                                   "valid pixels, as t sweeps from 0 to 1 (lines), and each model's own selection "
+                                   "(dots): a dot above its line keeps more pixels at its accuracy than a "
+                                   "confidence threshold would"))
     blocks += _examples(ctx)
     return Section("Pseudo-label quality", blocks)
+
+
+def _curve_figure(ctx: ReportContext, rows: pd.DataFrame) -> str | None:
+    curve = ctx.read_csv("pseudo_curve")
+    if curve is None:
+        return None
+    fig = new_figure(4.8, 3.6)
+    ax = fig.subplots()
+    for i, (model, prefix) in enumerate((("warmup", "warmup_"), ("student", ""))):
+        columns = (prefix + "coverage", prefix + "accuracy")
+        if not set(columns) <= set(curve.columns):
+            continue
+        line = curve[list(columns)].dropna()
+        color = model_color(model, i)
+        ax.plot(100 * line[columns[0]], 100 * line[columns[1]], color=color, label=model)
+        if model in rows.columns and {"coverage", "accuracy"} <= set(rows.index):
+            ax.plot(100 * rows.loc["coverage", model], 100 * rows.loc["accuracy", model], "o", color=color,
+                    markeredgecolor="black", label=f"{model}: own selection")
+    ax.set_xlabel("coverage: share of valid pixels with confidence >= t (%)", fontsize="small")
+    ax.set_ylabel("accuracy of those pixels (%)", fontsize="small")
+    ax.set_xlim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize="small")
+    return ctx.save_figure(fig, "pseudo_curve")
 
 
 def _per_class_figure(ctx: ReportContext) -> str | None:
