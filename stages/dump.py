@@ -8,8 +8,9 @@ Outputs (each written atomically):
 - `--out` the Zarr dump (layout: s4seg.evaluation.dump), written with the method's own `pseudo_labels`.
 - `--metrics` flat JSON for `dvc metrics diff`: `student.<m>`, `warmup.<m>` and `gain.<m>` = student - warmup
   for every metric of s4seg.evaluation.pseudo_quality (accuracy, accuracy_all, coverage, mining_ratio,
-  effective_ratio, kept_share, class_bias, propagated_coverage, propagated_accuracy, region_accuracy,
-  region_consistency, regions). NaN is written as null.
+  effective_ratio, kept_share, class_bias, propagated_coverage, propagated_accuracy, relabelled_coverage,
+  relabelled_accuracy, relabelled_prior_accuracy, threshold_coverage, region_accuracy, region_consistency,
+  regions). NaN is written as null.
 - `--table` Parquet, long: (model, class, metric, value), per class and class "all".
 - `--curve` (optional) CSV for `dvc plots`: accuracy against coverage of both models' pseudo-labels as a
   confidence threshold sweeps (s4seg.evaluation.pseudo_quality: `curve`), columns `threshold, coverage,

@@ -56,9 +56,12 @@ class TinyMethod(Method):
         out = PseudoLabels(label=label, conf=conf, keep=conf >= 0.4)
         if self.extra:
             out.extra = {"score": conf.double() * 2, "flags": label == 0}
-        if self.expand:  # CorrMatch-like: keeps class 0 beyond its confident set, which it names
-            out.extra = {"confident": out.keep, "flags": label == 0}
-            out.keep = out.keep | (label == 0)
+        if self.expand:  # CorrMatch-like: relabels the confident left quarter as class 0 and keeps class 0
+            # beyond its confident set; it names that set and its labels before the change
+            confident, prior = out.keep, label
+            out.label = torch.where(confident & (torch.arange(T) < T // 4), 0, prior)
+            out.extra = {"confident": confident, "prior_label": prior.to(torch.uint8), "flags": out.label == 0}
+            out.keep = confident | (out.label == 0)
         if self.regions:  # quadrants as regions, ids 10 and 20 (and -1 = none in the last row)
             r = torch.full_like(label, 10, dtype=torch.int32)
             r[:, :, T // 2 :] = 20
@@ -156,10 +159,16 @@ def test_expanded_selection_is_scored_from_the_confident_layer(store: TileStore,
     m = quality.metrics()
     assert m["propagated_coverage"] == pytest.approx(added.sum() / (gt != 255).sum())
     assert m["propagated_accuracy"] == pytest.approx((g["pseudo"][:] == gt)[added].mean())
+    prior = g["extra/prior_label"][:]
+    relabelled = confident & (prior != g["pseudo"][:]) & (gt != 255)
+    assert relabelled.any() and g["extra/prior_label"].dtype == np.uint8
+    assert m["relabelled_coverage"] == pytest.approx(relabelled.sum() / (gt != 255).sum())
+    assert m["relabelled_accuracy"] == pytest.approx((g["pseudo"][:] == gt)[relabelled].mean())
+    assert m["relabelled_prior_accuracy"] == pytest.approx((prior == gt)[relabelled].mean())
     assert dump_quality(out).metrics() == pytest.approx(m, nan_ok=True)
     plain = write_dump(TinyMethod(), store, UNLABELED, tmp_path / "plain.zarr", batch_size=2, device="cpu",
                        progress=False)
-    assert np.isnan(plain.metrics()["propagated_coverage"])
+    assert np.isnan(plain.metrics()["propagated_coverage"]) and np.isnan(plain.metrics()["relabelled_coverage"])
 
 
 def test_bf16_dump_matches_fp32_within_bf16_rounding(store: TileStore, tmp_path: Path) -> None:

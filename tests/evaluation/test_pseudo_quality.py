@@ -133,6 +133,68 @@ def test_propagated_metrics_hand_counted_and_nan_without_a_confident_set() -> No
         q.update(np.zeros((1, 4), int), np.ones((1, 4), bool), gt, confident=np.ones((1, 3), bool))
 
 
+def test_relabelled_metrics_match_brute_force() -> None:
+    """Confident pixels whose label the expansion changed, counted pixel by pixel with their accuracy after and
+    before; a tile with a confident set but no prior label (the second update) counts nowhere in them."""
+    rng = np.random.default_rng(5)
+    k = 3
+    gt = rng.integers(0, k, (3, 7, 5)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.15] = IGN
+    prior = rng.integers(0, k, gt.shape)
+    pseudo = np.where(rng.random(gt.shape) < 0.4, rng.integers(0, k, gt.shape), prior)  # some relabelled
+    confident = rng.random(gt.shape) < 0.6
+    keep = confident | (rng.random(gt.shape) < 0.3)
+    q = PseudoQuality(k)
+    q.update(pseudo, keep, gt, confident=confident, prior=prior.astype(np.uint8))
+    q.update(rng.integers(0, k, (4, 4)), np.ones((4, 4), bool), rng.integers(0, k, (4, 4)).astype(np.uint8),
+             confident=np.ones((4, 4), bool))
+    base, changed, after_ok, before_ok = ([0] * (k + 1) for _ in range(4))
+    for p_, f, b, g in zip(pseudo.ravel(), confident.ravel(), prior.ravel(), gt.ravel(), strict=True):
+        if g == IGN:
+            continue
+        for idx in (int(p_), k):
+            base[idx] += 1
+            if f and b != p_:
+                changed[idx] += 1
+                after_ok[idx] += int(p_ == g)
+                before_ok[idx] += int(b == g)
+    assert changed[k] > 0
+    per_class, overall = q.per_class(), q.metrics()
+    for c in range(k):
+        assert _close(per_class["relabelled_coverage"][c], changed[c] / base[c])
+        assert _close(per_class["relabelled_accuracy"][c], after_ok[c] / changed[c] if changed[c] else math.nan)
+        assert _close(per_class["relabelled_prior_accuracy"][c],
+                      before_ok[c] / changed[c] if changed[c] else math.nan)
+    assert overall["relabelled_coverage"] == pytest.approx(changed[k] / base[k])
+    assert overall["relabelled_accuracy"] == pytest.approx(after_ok[k] / changed[k])
+    assert overall["relabelled_prior_accuracy"] == pytest.approx(before_ok[k] / changed[k])
+
+
+def test_relabelled_metrics_hand_counted() -> None:
+    # 1x5 tile: gt [0, 0, 1, 1, 255], prior [0, 1, 1, 0, 0], pseudo after the expansion [1, 0, 1, 1, 1],
+    # F [1, 1, 0, 1, 1]. Valid 4. Changed inside F (valid): pixel 0 (right -> wrong), pixel 1 (wrong -> right),
+    # pixel 3 (wrong -> right); pixel 2 is outside F (unchanged anyway), pixel 4 is void.
+    gt = np.array([[0, 0, 1, 1, IGN]], np.uint8)
+    q = PseudoQuality(2)
+    q.update(np.array([[1, 0, 1, 1, 1]]), np.ones((1, 5), bool), gt, confident=np.array([[1, 1, 0, 1, 1]], bool),
+             prior=np.array([[0, 1, 1, 0, 0]], np.uint8))
+    m = q.metrics()
+    assert m["relabelled_coverage"] == pytest.approx(3 / 4)
+    assert m["relabelled_accuracy"] == pytest.approx(2 / 3)
+    assert m["relabelled_prior_accuracy"] == pytest.approx(1 / 3)
+    # by the new label: class 0 gets pixel 1 (right after, wrong before); class 1 gets pixels 0 and 3
+    assert q.per_class()["relabelled_accuracy"] == pytest.approx([1.0, 1 / 2])
+    assert q.per_class()["relabelled_prior_accuracy"] == pytest.approx([0.0, 1 / 2])
+    plain = PseudoQuality(2)
+    plain.update(np.array([[0, 0, 1, 1, 1]]), np.ones((1, 5), bool), gt, confident=np.ones((1, 5), bool))
+    assert math.isnan(plain.metrics()["relabelled_coverage"])
+    with pytest.raises(ValueError, match="needs confident"):
+        plain.update(np.zeros((1, 5), int), np.ones((1, 5), bool), gt, prior=np.zeros((1, 5), np.uint8))
+    with pytest.raises(ValueError, match="prior shape"):
+        plain.update(np.zeros((1, 5), int), np.ones((1, 5), bool), gt, confident=np.ones((1, 5), bool),
+                     prior=np.zeros((1, 4), np.uint8))
+
+
 def _brute_regions(regions: np.ndarray, pseudo: np.ndarray, gt: np.ndarray, k: int) -> dict[str, list[float]]:
     correct, consistency, count = [0] * (k + 1), [0.0] * (k + 1), [0] * (k + 1)
     for rid in range(1, int(regions.max()) + 1):

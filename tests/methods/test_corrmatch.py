@@ -35,6 +35,7 @@ from s4seg.methods.corrmatch import (
     soft_consistency,
     updated_threshold,
 )
+from s4seg.methods.losses import valid_or_all
 from s4seg.models import build_model
 from s4seg.models.base import Segmenter
 
@@ -399,6 +400,20 @@ def test_training_step_gradients_reach_every_trainable_parameter() -> None:
     assert float(out.logs["expanded_ratio"]) >= float(out.logs["mask_ratio"])
 
 
+def test_relabelled_ratio_logs_the_confident_pixels_propagation_overwrote() -> None:
+    """tau = 0 makes F every valid pixel, so `relabelled_ratio` is the valid share whose training label differs
+    from the weak argmax (taken before the step, while BN still has the same running statistics)."""
+    method, batch = make(tau_init=0.0, dynamic_tau=False), make_batch()
+    valid = valid_or_all(batch.valid_u, batch.u_w)
+    prior = method.pseudo_labels(batch.u_w, batch.valid_u).extra["prior_label"].long()
+    out = method.training_step(batch, 0)
+    changed = (out.pseudo.label != prior) & valid
+    assert changed.any()  # the random head's regions do overwrite confident pixels
+    assert float(out.logs["relabelled_ratio"]) == pytest.approx(changed.sum().item() / valid.sum().item())
+    assert float(make(tau_init=0.0, dynamic_tau=False, region_rows=0).training_step(batch, 0)
+                 .logs["relabelled_ratio"]) == 0.0
+
+
 def test_fp_stream_is_a_param_and_adds_its_loss() -> None:
     method = make(fp_stream=True, tau_init=0.0, dynamic_tau=False)
     out = method.training_step(make_batch(), 0)
@@ -423,13 +438,14 @@ def test_pseudo_labels_for_the_dump() -> None:
     again = method.pseudo_labels(batch.u_w)
     assert torch.equal(first.regions, again.regions) and torch.equal(first.label, again.label)  # reproducible
     assert first.regions.dtype == torch.int32 and (first.regions != NO_REGION).any()
-    assert set(first.extra) == {"confident", "expanded", "tau"}
+    assert set(first.extra) == {"confident", "prior_label", "expanded", "tau"}
     assert torch.equal(first.keep, first.extra["expanded"]) and (first.keep >= first.extra["confident"]).all()
     assert first.extra["tau"].shape == (2,) and first.extra["tau"][0].item() == pytest.approx(0.3)
     method.eval()
     prob = method.predict(batch.u_w).softmax(dim=1)
     assert torch.allclose(first.conf, prob.gather(1, first.label[:, None])[:, 0])  # conf of the stored label
     assert torch.equal(first.extra["confident"], prob.amax(dim=1) >= 0.3)  # F: conf >= tau, before propagation
+    assert torch.equal(first.extra["prior_label"], prob.argmax(dim=1).to(torch.uint8))  # the label before it
     # at tau 0.35 F is part of the image and accepted regions add pixels to it: `confident` stays F, not M
     partial = make(tau_init=0.35, dynamic_tau=False)
     pseudo = partial.pseudo_labels(batch.u_w)
@@ -511,7 +527,11 @@ def test_two_steps_through_fit_reload_dump_and_bit_identical_resume(store: Any, 
     added = group["keep"][:] & ~group["extra/confident"][:] & (group["gt"][:] != 255)
     assert quality.metrics()["propagated_coverage"] == pytest.approx(added.sum() / (group["gt"][:] != 255).sum())
     assert group.attrs["regions"] == "method"
-    assert {"extra/confident", "extra/expanded", "extra/tau"} <= set(group.attrs["layers"])
+    assert {"extra/confident", "extra/prior_label", "extra/expanded", "extra/tau"} <= set(group.attrs["layers"])
+    prior, gt = group["extra/prior_label"][:], group["gt"][:]
+    assert (prior == group["pseudo"][:])[group["regions"][:] == 0].all()  # only regions relabel (Eq. 10)
+    relabelled = group["extra/confident"][:] & (prior != group["pseudo"][:]) & (gt != 255)
+    assert quality.metrics()["relabelled_coverage"] == pytest.approx(relabelled.sum() / (gt != 255).sum())
     assert group["extra/tau"][:].tolist() == pytest.approx([loaded.tau.item()] * 3)
     assert (group["keep"][:] == group["extra/expanded"][:]).all()
 

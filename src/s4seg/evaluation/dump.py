@@ -37,7 +37,9 @@ A method adds a layer to the dump (propagated regions, region-classifier outputs
 filling `extra` in its `pseudo_labels`; nothing here changes. Every batch must return the same keys. One
 name has a meaning here: `confident`, a bool layer of the pixels the method would keep before it expands
 its selection (CorrMatch's F before region propagation); the quality then scores what the expansion adds
-(`propagated_coverage`, `propagated_accuracy` of `s4seg.evaluation.pseudo_quality`).
+(`propagated_coverage`, `propagated_accuracy` of `s4seg.evaluation.pseudo_quality`). With it, `prior_label`
+(the pseudo-label before the expansion, uint8) lets the quality score what the expansion overwrites inside that
+set (`relabelled_coverage`, `relabelled_accuracy`, `relabelled_prior_accuracy`).
 
 Atomicity: the store is built in a temporary sibling and renamed onto `dumps/pseudo.zarr` only when
 complete (`s4seg.io.atomic_dir`); an interrupted dump leaves the previous store in place.
@@ -68,7 +70,7 @@ from zarr.codecs import BloscCodec
 
 from s4seg.data.store import TileStore
 from s4seg.engine.method import Method, PseudoLabels
-from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, PseudoQuality
+from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, PRIOR_LABEL_LAYER, PseudoQuality
 from s4seg.evaluation.regions import pseudo_regions, region_table, relabel_regions
 from s4seg.io import atomic_dir, atomic_path
 from s4seg.runtime import make_runtime
@@ -225,6 +227,7 @@ class _DumpWriter:
                              f"then {sorted(names)}")
         regions = np.empty(b.pseudo.shape, np.int32)
         confident = b.extra.get(CONFIDENT_LAYER)  # the method's selection before it expanded it, if any
+        prior = b.extra.get(PRIOR_LABEL_LAYER)  # and its pseudo-label before the expansion
         conf = b.conf.astype(np.float16)  # as stored: the curve recomputed from the dump is the same
         for i in range(len(b.tile_ids)):
             if has_regions:
@@ -236,7 +239,8 @@ class _DumpWriter:
             self.tables.append((row, table))
             self.region_counts[row] = len(table)
             self.quality.update(b.pseudo[i], b.keep[i], b.gt[i], regions[i], table.cls,
-                                None if confident is None else confident[i], conf[i])
+                                None if confident is None else confident[i], conf[i],
+                                None if prior is None else prior[i])
         self.tile_id[b.rows] = b.tile_ids
         self.pseudo[b.rows] = b.pseudo
         self.conf[b.rows] = conf

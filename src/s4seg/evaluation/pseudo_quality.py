@@ -28,6 +28,13 @@ Pixel metrics (overall, and per class c):
   `PseudoLabels.extra["confident"]` (F), the kept pixels outside F, as a share of the valid pixels, and
   their accuracy: what the propagation adds to the training signal, and whether it is right. Per class: by
   pseudo-label class, among valid pixels of that class. NaN where no tile gave F (every other method).
+- `relabelled_coverage`, `relabelled_accuracy`, `relabelled_prior_accuracy`: for a method that also says what
+  its pseudo-label was before the expansion (`PseudoLabels.extra["prior_label"]`), the pixels of F whose label
+  the expansion changed (CorrMatch's Eq. 10 relabels a whole accepted region, confident pixels of other
+  classes included), as a share of the valid pixels, with their accuracy after and before the change. The
+  `propagated_*` metrics grade only what is added outside F; these grade what it overwrites inside F: a
+  relabelling gains (after - before) x coverage correct kept pixels, which is negative when it hurts. Per
+  class: by the new pseudo-label class. NaN where no tile gave F and a prior label.
 - `threshold_coverage` (overall only): the coverage that a plain confidence threshold on the same pseudo-labels
   reaches at the accuracy of the method's own selection, i.e. the largest share of valid pixels whose most
   confident part is at least `accuracy` right (thresholds on a grid of 1/CURVE_BINS). A method whose
@@ -66,9 +73,12 @@ import numpy as np
 from s4seg.config import IGNORE_INDEX
 
 PIXEL_METRICS = ("accuracy", "accuracy_all", "coverage", "mining_ratio", "effective_ratio", "kept_share",
-                 "class_bias", "propagated_coverage", "propagated_accuracy", "threshold_coverage")
+                 "class_bias", "propagated_coverage", "propagated_accuracy", "relabelled_coverage",
+                 "relabelled_accuracy", "relabelled_prior_accuracy", "threshold_coverage")
 # `PseudoLabels.extra` layer (dump: `extra/confident`) of a method's selection before it expanded it
 CONFIDENT_LAYER = "confident"
+# `PseudoLabels.extra` layer (dump: `extra/prior_label`) of a method's pseudo-label before it expanded it
+PRIOR_LABEL_LAYER = "prior_label"
 REGION_METRICS = ("region_accuracy", "region_consistency", "regions")
 CURVE_BINS = 1000  # confidence grid of `curve()` and `threshold_coverage`
 METRICS = PIXEL_METRICS + REGION_METRICS
@@ -89,6 +99,11 @@ class PseudoQuality:
         self.base_valid = np.zeros(k, np.int64)  # valid pixels of those tiles
         self.added = np.zeros(k, np.int64)  # keep & ~confident
         self.added_correct = np.zeros(k, np.int64)
+        # Pixels of the confident set whose label the expansion changed (`prior` in `update`), by the new label.
+        self.base_relabel_valid = np.zeros(k, np.int64)  # valid pixels of the tiles that gave a prior label
+        self.relabelled = np.zeros(k, np.int64)
+        self.relabelled_correct = np.zeros(k, np.int64)  # right after the change
+        self.relabelled_prior_correct = np.zeros(k, np.int64)  # right before it
         # Valid pixels (and the correct ones among them) by confidence bin [k, k + 1) / CURVE_BINS.
         self.conf_valid = np.zeros(CURVE_BINS, np.int64)
         self.conf_correct = np.zeros(CURVE_BINS, np.int64)
@@ -98,7 +113,8 @@ class PseudoQuality:
         self.consistency_sum = np.zeros(k, np.float64)
 
     COUNTS = ("valid", "kept", "correct", "kept_correct", "gt_valid", "base_valid", "added", "added_correct",
-              "regions", "regions_correct", "consistency_sum", "conf_valid", "conf_correct")
+              "base_relabel_valid", "relabelled", "relabelled_correct", "relabelled_prior_correct", "regions",
+              "regions_correct", "consistency_sum", "conf_valid", "conf_correct")
 
     def counts(self) -> dict[str, np.ndarray]:
         """Every count array, by name (what `from_counts` rebuilds the accumulator from)."""
@@ -113,14 +129,15 @@ class PseudoQuality:
 
     def update(self, pseudo: np.ndarray, keep: np.ndarray, gt: np.ndarray, regions: np.ndarray | None = None,
                region_class: np.ndarray | None = None, confident: np.ndarray | None = None,
-               conf: np.ndarray | None = None) -> None:
+               conf: np.ndarray | None = None, prior: np.ndarray | None = None) -> None:
         """Add one tile (H, W) or a batch (B, H, W).
 
         `regions` uses the dump's convention (ids 1..n per tile, 0 = none); `region_class` (n,) gives each
         region's class for a single tile (default: majority pseudo-label of the region). For a batch, ids are
         taken per tile and `region_class` must be None. `confident`: the method's selection before it
         expanded it (`PseudoLabels.extra["confident"]`), for the `propagated_*` metrics. `conf`: each pixel's
-        confidence, for `curve()` and `threshold_coverage`.
+        confidence, for `curve()` and `threshold_coverage`. `prior`: the pseudo-label before the expansion
+        (`PseudoLabels.extra["prior_label"]`), for the `relabelled_*` metrics; it needs `confident`.
         """
         k = self.num_classes
         pseudo = np.asarray(pseudo).astype(np.int64, copy=False)
@@ -146,6 +163,18 @@ class PseudoQuality:
             self.base_valid += np.bincount(p, minlength=k)[:k]
             self.added += np.bincount(p[added], minlength=k)[:k]
             self.added_correct += np.bincount(p[added & ok], minlength=k)[:k]
+            if prior is not None:
+                prior = np.asarray(prior)
+                if prior.shape != gt.shape:
+                    raise ValueError(f"prior shape {prior.shape} differs from gt shape {gt.shape}")
+                before = prior[valid].astype(np.int64)
+                changed = confident[valid] & (before != p)
+                self.base_relabel_valid += np.bincount(p, minlength=k)[:k]
+                self.relabelled += np.bincount(p[changed], minlength=k)[:k]
+                self.relabelled_correct += np.bincount(p[changed & ok], minlength=k)[:k]
+                self.relabelled_prior_correct += np.bincount(p[changed & (before == g)], minlength=k)[:k]
+        elif prior is not None:
+            raise ValueError("prior (the label before the expansion) needs confident (the set it expanded)")
         if conf is not None:
             conf = np.asarray(conf)
             if conf.shape != gt.shape:
@@ -204,6 +233,9 @@ class PseudoQuality:
             "class_bias": float(np.abs(self._class_bias()).sum() / 2),
             "propagated_coverage": _ratio(self.added.sum(), self.base_valid.sum()),
             "propagated_accuracy": _ratio(self.added_correct.sum(), self.added.sum()),
+            "relabelled_coverage": _ratio(self.relabelled.sum(), self.base_relabel_valid.sum()),
+            "relabelled_accuracy": _ratio(self.relabelled_correct.sum(), self.relabelled.sum()),
+            "relabelled_prior_accuracy": _ratio(self.relabelled_prior_correct.sum(), self.relabelled.sum()),
             "threshold_coverage": self._threshold_coverage(),
             "region_accuracy": _ratio(self.regions_correct.sum(), self.regions.sum()),
             "region_consistency": _ratio(self.consistency_sum.sum(), self.regions.sum()),
@@ -222,6 +254,9 @@ class PseudoQuality:
             "class_bias": self._class_bias(),
             "propagated_coverage": _ratio(self.added, self.base_valid),
             "propagated_accuracy": _ratio(self.added_correct, self.added),
+            "relabelled_coverage": _ratio(self.relabelled, self.base_relabel_valid),
+            "relabelled_accuracy": _ratio(self.relabelled_correct, self.relabelled),
+            "relabelled_prior_accuracy": _ratio(self.relabelled_prior_correct, self.relabelled),
             "threshold_coverage": np.full(self.num_classes, np.nan),  # overall only
             "region_accuracy": _ratio(self.regions_correct, self.regions),
             "region_consistency": _ratio(self.consistency_sum, self.regions),

@@ -64,7 +64,8 @@ Where the paper and the code differ, or the paper is silent:
 
 Dump (`pseudo_labels`): label = propagated label, conf = its softmax probability, keep = M (what L_u^h trains
 on), regions = 1 + the sample index of the last accepted region covering a pixel (NO_REGION elsewhere);
-extra: `confident` (F, before propagation), `expanded` (M), `tau` (B,). Rows are drawn from a fixed-seed
+extra: `confident` (F, before propagation), `prior_label` (the weak label before propagation, uint8: the dump
+grades the confident pixels Eq. 10 relabels), `expanded` (M), `tau` (B,). Rows are drawn from a fixed-seed
 generator there, so a dump is reproducible and never moves the training RNG. The correlation head's BN
 statistics come from training (the engine's PreciseBN re-estimates the model's only).
 """
@@ -83,7 +84,7 @@ from s4seg import timing
 from s4seg.data.augment import cutmix
 from s4seg.engine.method import Batch, Method, MethodConfig, PseudoLabels, StepOutput, register_method
 from s4seg.errors import ParamsError
-from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER
+from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, PRIOR_LABEL_LAYER
 from s4seg.methods.losses import (
     Targets,
     bn_stats_frozen,
@@ -382,6 +383,7 @@ class CorrMatch(Method):
             "loss_u_c": loss_u_c.detach(),
             "mask_ratio": mask_ratio(weak_t.keep, valid_w),  # F: before region propagation
             "expanded_ratio": mask_ratio(pseudo.keep, valid_w),  # M: what L_u^h trains on (un-mixed view)
+            "relabelled_ratio": mask_ratio(weak.keep & (pseudo.label != weak.label), valid_w),  # F overwritten
             "regions_accepted": accepted.sum() / len(batch.u_w),  # per image
             "tau": tau,
         }
@@ -435,7 +437,8 @@ class CorrMatch(Method):
             masks = region_masks(rows, tuple(logits.shape[-2:])) & allowed[:, None]
             out = propagate_regions(masks, weak.label, weak.keep, tau, self.num_classes)
         prob = logits.detach().float().softmax(dim=1)
-        extra = {CONFIDENT_LAYER: weak.keep, "expanded": out.expanded,
+        extra = {CONFIDENT_LAYER: weak.keep, PRIOR_LABEL_LAYER: weak.label.to(torch.uint8),
+                 "expanded": out.expanded,
                  "tau": torch.full((len(logits),), tau, device=logits.device)}
         propagated = PseudoLabels(label=out.label, conf=prob.gather(1, out.label[:, None]).squeeze(1),
                                   keep=out.expanded, regions=out.regions, extra=extra)

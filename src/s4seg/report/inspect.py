@@ -30,7 +30,7 @@ from skimage.segmentation import find_boundaries
 from s4seg.config import IGNORE_INDEX
 from s4seg.data.store import TileStore
 from s4seg.errors import DataError, DatasetNotFoundError
-from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, METRICS, PseudoQuality
+from s4seg.evaluation.pseudo_quality import CONFIDENT_LAYER, METRICS, PRIOR_LABEL_LAYER, PseudoQuality
 from s4seg.report.base import default_palette
 from s4seg.report.figures import colorize, display_image, hex_to_rgb, legend_handles
 
@@ -84,23 +84,26 @@ def _row_of(dump: zarr.Group, tile_id: int, path: str | Path) -> int:
 
 def dump_quality(path: str | Path, batch: int = 64) -> PseudoQuality:
     """Quality counts of a whole dump, recomputed from its arrays (pseudo, conf, keep, gt, regions,
-    extra/confident)."""
+    extra/confident, extra/prior_label)."""
     group = open_dump(path)
     quality = PseudoQuality(len(group.attrs["classes"]))
     offsets = np.asarray(group["region_offsets"][:])
     region_class = np.asarray(group["region_class"][:])
     n = group["pseudo"].shape[0]
     confident_path = f"extra/{CONFIDENT_LAYER}"
-    has_confident = confident_path in group
+    prior_path = f"extra/{PRIOR_LABEL_LAYER}"
+    has_confident, has_prior = confident_path in group, prior_path in group
     for start in range(0, n, batch):
         sl = slice(start, min(start + batch, n))
         pseudo, keep = np.asarray(group["pseudo"][sl]), np.asarray(group["keep"][sl])
         gt, regions = np.asarray(group["gt"][sl]), np.asarray(group["regions"][sl])
         conf = np.asarray(group["conf"][sl])
         confident = np.asarray(group[confident_path][sl]) if has_confident else None
+        prior = np.asarray(group[prior_path][sl]) if has_prior else None
         for i, row in enumerate(range(sl.start, sl.stop)):
             quality.update(pseudo[i], keep[i], gt[i], regions[i], region_class[offsets[row] : offsets[row + 1]],
-                           None if confident is None else confident[i], conf[i])
+                           None if confident is None else confident[i], conf[i],
+                           None if prior is None else prior[i])
     return quality
 
 
