@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from s4seg.engine.method import build_method
     from s4seg.models import build_model
 
-    torch.manual_seed(params.seed)
+    torch.manual_seed(params.train_seed)  # a new head's initialisation (the model's weights come from --init)
     model = build_model(params.model, store.num_classes, load_pretrained=False)  # weights come from --init
     method = build_method(params.method, params.method_config, model, store.num_classes)
     check_init(params.train.init, args.init, load_init_weights(method, args.init))
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else contextlib.nullcontext(None)
     with writer_cm as writer:
         snapshots = PseudoLabelSnapshots(writer, store, writer.tile_ids) if count and main_rank else None
-        fit(method, store, split, cfg, model_cfg=params.model, seed=params.seed, out_path=args.out,
+        fit(method, store, split, cfg, model_cfg=params.model, seed=params.train_seed, out_path=args.out,
             log_path=args.log, checkpoint_dir=args.checkpoints, snapshots=snapshots,
             identity={"init": file_hash(args.init)}, section="train", warm_start=params.train.init == "warmup")
 

@@ -51,6 +51,13 @@ def test_wrong_types_are_rejected(tmp_path: Path, section: dict, value: None, me
         load_params(_write(tmp_path, section))
 
 
+def test_train_seed_defaults_to_the_top_level_seed() -> None:
+    assert from_dict(Params, {"seed": 4}, where="p").train_seed == 4
+    assert from_dict(Params, {"seed": 4, "train": {"seed": 1}}, where="p").train_seed == 1
+    with pytest.raises(ParamsError, match=r"train.seed: expected int \| None, found 'x'"):
+        from_dict(Params, {"train": {"seed": "x"}}, where="p")
+
+
 def test_ints_are_accepted_as_floats_and_none_for_optional() -> None:
     cfg = from_dict(TrainConfig, {"lr": 1, "iterations": None}, where="train")
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.iterations is None

@@ -178,6 +178,10 @@ class TrainStageConfig(TrainConfig):
     """
 
     init: str = "warmup"  # warmup | pretrained
+    # The training run's own seed (data order, augmentation, new heads' initialisation); None: the top-level
+    # `seed`, which also seeds the warmup. Set it to train several seeds from one warmup: `-S train.seed=1`
+    # re-runs train and what follows, not the warmup.
+    seed: int | None = None
     # LR multiplier of the head parameters that come trained from the warmup (init: warmup): the model's
     # decoder and classifier. None: lr_multi, like every head. Heads a method adds (CorrMatch's correlation
     # head, RegionMatch's region classifier, RRN's re-drawn twin) start random and keep lr_multi.
@@ -262,6 +266,11 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     dump: DumpConfig = field(default_factory=DumpConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of the `train` stage: `train.seed`, or the top-level `seed` when that is null."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     @property
     def method_config(self) -> dict[str, Any]:

@@ -210,6 +210,23 @@ def test_forced_repro_trains_again_and_the_report_is_complete(pipeline: Path) ->
 
 
 @pytest.mark.slow
+def test_train_seed_trains_another_seed_from_the_same_warmup(pipeline: Path) -> None:
+    seed0 = torch.load(pipeline / "models/student.pt", weights_only=True)
+    warmup = (pipeline / "models/warmup.pt").read_bytes()
+    _set_param(pipeline, "train", "seed", 1)  # as `dvc exp run -S train.seed=1` would
+    try:
+        out = _run([str(BIN / "dvc"), "repro"], pipeline)
+        assert "Stage 'warmup' didn't change" in out and "Running stage 'train'" in out, out
+        assert (pipeline / "models/warmup.pt").read_bytes() == warmup
+        seed1 = torch.load(pipeline / "models/student.pt", weights_only=True)
+        assert seed0["seed"] == Params().seed and seed1["seed"] == 1
+        assert any(not torch.equal(seed0["state_dict"][k], seed1["state_dict"][k]) for k in seed0["state_dict"])
+    finally:
+        _set_param(pipeline, "train", "seed", None)
+        _run([str(BIN / "dvc"), "repro"], pipeline)
+
+
+@pytest.mark.slow
 def test_switching_method_reuses_tile_and_warmup(pipeline: Path) -> None:
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
     params["method"] = "unimatch_v2"
