@@ -61,6 +61,10 @@ Where the paper and the code differ, or the paper is silent:
   feature, in the paper and the code; false detaches that feature (they then train the projection, w1 and
   w2 only). Measured on the synthetic default (README): it does not change what holds corrmatch back.
 - Labeled criterion: CE (the code's VOC setting); the code's Cityscapes OHEM is not implemented here.
+- Output stride: the code's ResNet runs at stride 8 (reference §1: 41 x 41 cells at crop 321), so C and its
+  regions sit on a grid twice as fine. The stride is the model's (`model.output_stride`, 16 by default for
+  every method, so one warmup serves them all); 8 is the code's. Measured (README): at 8 corrmatch beats
+  supervised at the default budget, at 16 it does not.
 
 Dump (`pseudo_labels`): label = propagated label, conf = its softmax probability, keep = M (what L_u^h trains
 on), regions = 1 + the sample index of the last accepted region covering a pixel (NO_REGION elsewhere);
